@@ -1,0 +1,33 @@
+"""nocluster: the cluster-mode plugin runtime for Django. Importing it starts nothing.
+
+Public names: ``app`` (the process-wide :class:`~nocluster.app.Application`), :class:`Plugin` and the errors.
+"""
+
+from nocluster.app import Application, app
+from nocluster.errors import (
+    BackendUnavailable,
+    InvalidChannel,
+    LockAcquireError,
+    LockError,
+    LockNotOwned,
+    NoclusterError,
+    PluginError,
+    PublishError,
+    UnknownChannel,
+)
+from nocluster.plugin import Plugin
+
+__all__ = [
+    "Application",
+    "BackendUnavailable",
+    "InvalidChannel",
+    "LockAcquireError",
+    "LockError",
+    "LockNotOwned",
+    "NoclusterError",
+    "Plugin",
+    "PluginError",
+    "PublishError",
+    "UnknownChannel",
+    "app",
+]

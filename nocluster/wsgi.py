@@ -1,0 +1,8 @@
+"""WSGI entry point. Consumers are started by the server's worker hook (``runnode``), not here."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+application = get_wsgi_application()

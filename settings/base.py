@@ -1,0 +1,139 @@
+"""Settings for a nocluster node.
+
+Every value comes from the environment, with embedded defaults that need no server: SQLite, LocMemCache,
+in-process pub/sub, an in-process event queue and process-local locks. Setting ``DATABASE_URL``,
+``REDIS_URL`` and ``BROKER_URL`` turns the node into a cluster node. The README lists every variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = env(name)
+    if not value:
+        return default
+    return value.lower() in {"1", "true", "yes", "on"}
+
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+SECRET_KEY = env("DJANGO_SECRET_KEY", "insecure-dev-key-set-DJANGO_SECRET_KEY-in-production")
+ALLOWED_HOSTS = [h for h in env("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h]
+
+INSTALLED_APPS = [
+    "nocluster",  # before staticfiles: its runserver also starts this node's consumers
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "tasks",
+    # Plugins, in load order.
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "nocluster.urls"
+WSGI_APPLICATION = "nocluster.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite unless DATABASE_URL is set (PostgreSQL in a cluster). ---
+DATABASE_URL = env("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache: LocMemCache unless REDIS_URL is set (django-redis in a cluster). ---
+REDIS_URL = env("REDIS_URL")
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+        },
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "nocluster"}}
+# A process-local store is always available, for caches that must never leave the process.
+CACHES["local"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "nocluster-local"}
+
+# --- Brokers: in-process unless BROKER_URL is set (amqp:// for RabbitMQ or redis:// for Redis). ---
+BROKER_URL = env("BROKER_URL")
+PUBSUB_URL = env("PUBSUB_URL", BROKER_URL)
+
+NOCLUSTER = {
+    "NAME": env("NOCLUSTER_NAME", "main"),
+    "PUBSUB": (
+        {"BACKEND": "nocluster.pubsub.backends.kombu.KombuPubSubBackend", "OPTIONS": {"url": PUBSUB_URL}}
+        if PUBSUB_URL
+        else {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {}}
+    ),
+    "EVENT_QUEUE": (
+        {"BACKEND": "nocluster.queue.backends.celery.CeleryQueueBackend", "OPTIONS": {}}
+        if BROKER_URL
+        else {"BACKEND": "nocluster.queue.backends.memory.MemoryQueueBackend", "OPTIONS": {}}
+    ),
+    "LOCKS": (
+        {"BACKEND": "nocluster.locks.backends.redis.RedisLockBackend", "OPTIONS": {"url": REDIS_URL}}
+        if REDIS_URL
+        else {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
+    ),
+    "SYNC": {"DEBOUNCE": float(env("NOCLUSTER_SYNC_DEBOUNCE", "1.0"))},
+}
+
+# --- Celery (used only when BROKER_URL is set). nocluster/celery.py adds the reliability settings. ---
+CELERY_BROKER_URL = BROKER_URL or "memory://"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOG_LEVEL = env("LOG_LEVEL", "INFO")
+LOG_FORMAT = env("NOCLUSTER_LOG_FORMAT", "text")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "text"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django": {"level": "INFO"}, "kombu": {"level": "WARNING"}, "celery": {"level": "INFO"}},
+}

@@ -1,0 +1,54 @@
+"""Test settings: the real servers of the machine, from ``DATABASE_URL``, ``REDIS_URL`` and ``AMQP_URL``.
+
+Each test run is isolated by ``NOCLUSTER_TEST_RUN`` (set once by ``tests/conftest.py`` and inherited by the
+node processes it spawns): it names the test database, the Redis key prefix and, through
+``NOCLUSTER["NAME"]``, every channel, queue and lock of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+import dj_database_url
+
+from settings.base import *  # noqa: F403
+from settings.base import CACHES, NOCLUSTER, env, env_bool
+
+RUN_ID = os.environ.setdefault("NOCLUSTER_TEST_RUN", uuid.uuid4().hex[:10])
+
+TEST_DATABASE_URL = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+TEST_REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
+TEST_AMQP_URL = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# PostgreSQL when reachable (always under CI: an unreachable server fails the run); SQLite otherwise.
+if env_bool("CI") or reachable(TEST_DATABASE_URL):
+    DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL)}
+    # A spawned node process is pointed at the test database itself (DATABASE_URL names it), so it must not
+    # prefix it again.
+    if not DATABASES["default"]["NAME"].startswith("test_nocluster_"):
+        DATABASES["default"]["TEST"] = {"NAME": f"test_nocluster_{RUN_ID}"}
+else:
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+
+NOCLUSTER = {**NOCLUSTER, "NAME": env("NOCLUSTER_NAME", f"t{RUN_ID}"), "SYNC": {"DEBOUNCE": 0.2}}
+CACHES = {**CACHES}
+CACHES["redis"] = {
+    "BACKEND": "django_redis.cache.RedisCache",
+    "LOCATION": TEST_REDIS_URL,
+    "KEY_PREFIX": f"t{RUN_ID}",
+    "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -1,0 +1,117 @@
+"""Fixtures for real servers (Redis, RabbitMQ, PostgreSQL) and per-test isolation.
+
+A server that cannot be reached skips its tests with a message saying how to start it; when ``CI`` is set the
+test fails instead. Isolation: ``settings.test`` names the run (``NOCLUSTER_TEST_RUN``: test database, key
+prefix, app name); :func:`app_name` gives every test its own ``app.name`` on top, so channels, queues, cache
+keys and locks of two tests (or two runs, or a node started by hand) never meet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from settings.test import RUN_ID, TEST_AMQP_URL, TEST_DATABASE_URL, TEST_REDIS_URL
+
+HOW_TO_START = {
+    "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+    "RabbitMQ": "rabbitmq-server -detached",
+    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+}
+_counter = itertools.count(1)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in {"", "0", "false", "no"}
+
+
+def server_unavailable(server: str, url: str) -> None:
+    """Fail under CI, skip otherwise, saying how to start the server."""
+    message = f"{server} is not reachable at {url}; start it with: {HOW_TO_START[server]}"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the real Redis server (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``)."""
+    if not reachable(TEST_REDIS_URL, 6379):
+        server_unavailable("Redis", TEST_REDIS_URL)
+    return TEST_REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """URL of the real RabbitMQ server (``AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672//``)."""
+    if not reachable(TEST_AMQP_URL, 5672):
+        server_unavailable("RabbitMQ", TEST_AMQP_URL)
+    return TEST_AMQP_URL
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each real broker in turn: Redis, then RabbitMQ."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "amqp_url")
+
+
+@pytest.fixture
+def postgres(db: None) -> None:
+    """The Django test database, which must be PostgreSQL for this test."""
+    if connection.vendor != "postgresql":
+        server_unavailable("PostgreSQL", TEST_DATABASE_URL)
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A name no other test, run or hand-started node uses: prefix for channels, queues, keys and locks."""
+    return f"t{RUN_ID}-{next(_counter)}"
+
+
+@pytest.fixture
+def test_database_url(transactional_db: None) -> str:
+    """A URL of this run's test database, for node processes (tests using it see committed data only)."""
+    params = connection.settings_dict
+    if connection.vendor != "postgresql":
+        server_unavailable("PostgreSQL", TEST_DATABASE_URL)
+    user = params.get("USER") or "postgres"
+    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
+    return f"postgres://{user}{password}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+
+
+@pytest.fixture
+def node_env(test_database_url: str, redis_url: str, app_name: str) -> Iterator[dict[str, str]]:
+    """Environment for node processes of this test: test settings, this run's database, Redis and app name.
+
+    Add ``BROKER_URL`` / ``PUBSUB_URL`` to make the nodes use a real broker.
+    """
+    env = {
+        "DJANGO_ENV": "test",
+        "DJANGO_SETTINGS_MODULE": "settings",
+        "NOCLUSTER_TEST_RUN": RUN_ID,
+        "NOCLUSTER_NAME": app_name,
+        "DATABASE_URL": test_database_url,
+        "REDIS_URL": redis_url,
+    }
+    yield env
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
+    return [f"nocluster test run {RUN_ID}: database {db}, CI={'yes' if in_ci() else 'no'}"]
