@@ -18,7 +18,11 @@ def check_nocluster_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
     errors: list[Error] = []
     name = config.get("NAME")
     if not isinstance(name, str) or not name or any(c in name for c in " :."):
-        errors.append(Error(f'NOCLUSTER["NAME"] = {name!r} must be a non-empty str without spaces, ":" or "."', id="nocluster.E001"))
+        errors.append(
+            Error(
+                f'NOCLUSTER["NAME"] = {name!r} must be a non-empty str without spaces, ":" or "."', id="nocluster.E001"
+            )
+        )
     for section in SECTIONS:
         entry = config.get(section)
         if not isinstance(entry, dict) or "BACKEND" not in entry:

@@ -52,3 +52,6 @@ CACHES["redis"] = {
     "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# A plugin that exists only in tests: it records each run of its install() (tests/plugins/test_lifecycle.py).
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.fixture_plugin"]  # noqa: F405

@@ -92,7 +92,9 @@ def test_database_url(transactional_db: None) -> str:
         server_unavailable("PostgreSQL", TEST_DATABASE_URL)
     user = params.get("USER") or "postgres"
     password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
-    return f"postgres://{user}{password}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    return (
+        f"postgres://{user}{password}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    )
 
 
 @pytest.fixture

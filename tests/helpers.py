@@ -48,7 +48,13 @@ class NodeProcess:
 
     _ids = itertools.count(1)
 
-    def __init__(self, scenario: str = "tests.node:default_handler", env: dict[str, str] | None = None, start: bool = True, args: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        scenario: str = "tests.node:default_handler",
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        args: Iterable[str] = (),
+    ) -> None:
         self.scenario = scenario
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.start_consumers = start
@@ -56,14 +62,32 @@ class NodeProcess:
         self.events: list[dict[str, Any]] = []
         self.replies: dict[int, dict[str, Any]] = {}
         self.instance_id: str | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="nocluster-node-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (open for the process lifetime)
+            prefix="nocluster-node-", suffix=".log", delete=False
+        )
         self._cond = threading.Condition()
         self._command_ids = itertools.count(1)
         self.proc: subprocess.Popen[str] | None = None
 
     def spawn(self) -> NodeProcess:
-        command = [sys.executable, "-m", "tests.node", self.scenario, "--start" if self.start_consumers else "--no-start", *self.args]
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        command = [
+            sys.executable,
+            "-m",
+            "tests.node",
+            self.scenario,
+            "--start" if self.start_consumers else "--no-start",
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
         threading.Thread(target=self._read_stdout, name=f"node-reader-{self.proc.pid}", daemon=True).start()
         return self
 
@@ -104,7 +128,9 @@ class NodeProcess:
                         return event
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.alive:
-                    raise AssertionError(f"node {self.pid}: no matching event within {timeout} s; log:\n{self.log_text()[-3000:]}")
+                    raise AssertionError(
+                        f"node {self.pid}: no matching event within {timeout} s; log:\n{self.log_text()[-3000:]}"
+                    )
                 self._cond.wait(min(remaining, 0.5))
 
     def request(self, command: dict[str, Any], timeout: float = 30.0) -> Any:
@@ -118,7 +144,9 @@ class NodeProcess:
             while command_id not in self.replies:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.alive:
-                    raise AssertionError(f"node {self.pid}: no reply to {command} within {timeout} s; log:\n{self.log_text()[-3000:]}")
+                    raise AssertionError(
+                        f"node {self.pid}: no reply to {command} within {timeout} s; log:\n{self.log_text()[-3000:]}"
+                    )
                 self._cond.wait(min(remaining, 0.5))
             reply = self.replies.pop(command_id)
         if "error" in reply:
@@ -164,7 +192,13 @@ class NodeProcess:
         self.stop()
 
 
-def start_nodes(count: int, env: dict[str, str], scenario: str = "tests.node:default_handler", start: bool = True, timeout: float = 90.0) -> list[NodeProcess]:
+def start_nodes(
+    count: int,
+    env: dict[str, str],
+    scenario: str = "tests.node:default_handler",
+    start: bool = True,
+    timeout: float = 90.0,
+) -> list[NodeProcess]:
     """Spawn ``count`` node processes at once and wait until every one is ready."""
     nodes = [NodeProcess(scenario, env=env, start=start).spawn() for _ in range(count)]
     try:

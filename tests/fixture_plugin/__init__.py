@@ -1,0 +1,1 @@
+"""A plugin installed only under the test settings: it records every run of its ``install()``."""
