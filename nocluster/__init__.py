@@ -5,6 +5,7 @@ Public names: ``app`` (the process-wide :class:`~nocluster.app.Application`), :c
 
 from nocluster.app import Application, app
 from nocluster.errors import (
+    Aborted,
     BackendUnavailable,
     InvalidChannel,
     LockAcquireError,
@@ -18,6 +19,7 @@ from nocluster.errors import (
 from nocluster.plugin import Plugin
 
 __all__ = [
+    "Aborted",
     "Application",
     "BackendUnavailable",
     "InvalidChannel",

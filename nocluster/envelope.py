@@ -36,32 +36,35 @@ def validate_channel(channel: object) -> str:
     return channel
 
 
-def _check(value: Any, channel: str, path: str) -> None:
+def _check(value: Any, where: str, path: str) -> None:
     if value is None or isinstance(value, (str, bool, int)):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise TypeError(f"channel {channel!r}: {value!r} at {path} is not valid JSON (NaN/Infinity)")
+            raise TypeError(f"{where}: {value!r} at {path} is not valid JSON (NaN/Infinity)")
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check(item, channel, f"{path}[{index}]")
+            _check(item, where, f"{path}[{index}]")
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError(f"channel {channel!r}: key {key!r} at {path} is not a str; JSON keys are str")
-            _check(item, channel, f"{path}.{key}")
+                raise TypeError(f"{where}: key {key!r} at {path} is not a str; JSON keys are str")
+            _check(item, where, f"{path}.{key}")
         return
     raise TypeError(
-        f"channel {channel!r}: {type(value).__name__} at {path} is not JSON-serialisable "
+        f"{where}: {type(value).__name__} at {path} is not JSON-serialisable "
         "(payloads are dict, list, str, int, float, bool or None)"
     )
 
 
-def ensure_json(channel: str, payload: Any) -> JSON:
-    """Raise ``TypeError`` naming ``channel`` unless ``payload`` is a JSON value; return it unchanged."""
-    _check(payload, channel, "$")
+def ensure_json(channel: str, payload: Any, what: str = "channel") -> JSON:
+    """Raise ``TypeError`` naming ``channel`` unless ``payload`` is a JSON value; return it unchanged.
+
+    ``what`` names the kind of place in the message (``"channel 'orders'"``, ``"cache 'auth' key 'k'"``...).
+    """
+    _check(payload, f"{what} {channel!r}", "$")
     return payload
 
 

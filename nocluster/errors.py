@@ -42,3 +42,7 @@ class LockNotOwned(LockError):
 
 class BackendUnavailable(NoclusterError):
     """A backend's server could not be reached."""
+
+
+class Aborted(NoclusterError):
+    """Raised by ``signal.throw_if_aborted()``: the work's timeout passed or it was cancelled."""

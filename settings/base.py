@@ -40,6 +40,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "tasks",
     # Plugins, in load order.
+    "plugins.auth",
+    "plugins.data_source_main",
+    "plugins.async_task_manager",
 ]
 
 MIDDLEWARE = [
@@ -82,7 +85,11 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
-            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+            # JSON, never pickle: every node reads what another wrote, and a value is data, not code.
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SERIALIZER": "django_redis.serializers.json.JSONSerializer",
+            },
         },
     }
 else:

@@ -49,7 +49,10 @@ CACHES["redis"] = {
     "BACKEND": "django_redis.cache.RedisCache",
     "LOCATION": TEST_REDIS_URL,
     "KEY_PREFIX": f"t{RUN_ID}",
-    "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+    "OPTIONS": {
+        "CLIENT_CLASS": "django_redis.client.DefaultClient",
+        "SERIALIZER": "django_redis.serializers.json.JSONSerializer",
+    },
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -1,0 +1,5 @@
+"""Caches over Django's cache framework: ``app.cache`` and ``app.cache_manager.create_cache()``."""
+
+from nocluster.cache.manager import CacheManager
+
+__all__ = ["CacheManager"]

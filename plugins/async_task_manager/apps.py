@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class AsyncTaskManagerConfig(AppConfig):
+    name = "plugins.async_task_manager"
+    label = "async_task_manager"
+    default_auto_field = "django.db.models.BigAutoField"
