@@ -47,6 +47,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's static files under runnode (gunicorn) too, without a separate web server.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -131,16 +133,26 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Find static files in the apps when collectstatic has not been run (a node started by hand).
+WHITENOISE_USE_FINDERS = True
 
 LOG_LEVEL = env("LOG_LEVEL", "INFO")
-LOG_FORMAT = env("NOCLUSTER_LOG_FORMAT", "text")
+LOG_FORMAT = env("NOCLUSTER_LOG_FORMAT", "text")  # "text" or "json" (one JSON object per line)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"node": {"()": "nocluster.logs.NodeContextFilter"}},
     "formatters": {
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"},
+        "text": {"()": "nocluster.logs.TextFormatter"},
+        "json": {"()": "nocluster.logs.JSONFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "text"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "text",
+            "filters": ["node"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django": {"level": "INFO"}, "kombu": {"level": "WARNING"}, "celery": {"level": "INFO"}},
 }
