@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+# The end-to-end admin test drives Debian's Chromium (Playwright never downloads a browser here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup run test lint format bench clean
 
@@ -15,6 +18,10 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 run: setup
 	$(PY) manage.py migrate --noinput
 	@echo ""
@@ -24,7 +31,7 @@ run: setup
 	@echo ""
 	$(PY) manage.py runserver 127.0.0.1:8000
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest
 
 lint: setup
