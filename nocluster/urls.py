@@ -1,4 +1,6 @@
 from django.contrib import admin
 from django.urls import path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from nocluster.admin_views import admin_urls
+
+urlpatterns = [*admin_urls(), path("admin/", admin.site.urls)]

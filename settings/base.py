@@ -132,8 +132,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Find static files in the apps when collectstatic has not been run (a node started by hand).
+# Where collectstatic writes (the Dockerfile sets it); unset, WhiteNoise serves the files from the apps.
+STATIC_ROOT = env("STATIC_ROOT") or None
 WHITENOISE_USE_FINDERS = True
 
 LOG_LEVEL = env("LOG_LEVEL", "INFO")

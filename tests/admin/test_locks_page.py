@@ -1,0 +1,74 @@
+"""The admin's locks page: staff see held locks; only a superuser force-releases one, after confirming."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from nocluster import LockNotOwned, app
+
+URL = "/admin/cluster/locks/"
+
+
+@pytest.fixture
+def held(app_name: str) -> Iterator[Any]:
+    lock = app.lock_manager.acquire(f"{app_name}:orders", ttl=60)
+    yield lock
+    if not lock.released:
+        with contextlib.suppress(LockNotOwned):
+            lock.release()
+
+
+@pytest.fixture
+def superuser_client(db: None) -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+    return client
+
+
+def test_the_page_lists_held_locks_with_holder_token_and_time_left(superuser_client: Client, held: Any) -> None:
+    page = superuser_client.get(URL).content.decode()
+    assert f"{held.key}" in page or "orders" in page
+    assert app.instance_id in page
+    assert str(held.token) in page
+    assert "Force release" in page
+
+
+def test_the_pattern_filters_the_list(superuser_client: Client, held: Any, app_name: str) -> None:
+    assert app.instance_id in superuser_client.get(URL, {"q": f"{app_name}:*"}).content.decode()
+    assert "No lock is held matching" in superuser_client.get(URL, {"q": "nothing-*"}).content.decode()
+
+
+def test_force_release_needs_a_confirmation(superuser_client: Client, held: Any, app_name: str) -> None:
+    key = f"{app_name}:orders"
+    superuser_client.post(URL, {"key": key})
+    assert app.lock_manager.get_lock(key) is not None
+
+    response = superuser_client.post(URL, {"key": key, "confirm": "yes"}, follow=True)
+    assert "released" in response.content.decode()
+    assert app.lock_manager.get_lock(key) is None
+    with pytest.raises(LockNotOwned):
+        held.release()
+
+
+def test_staff_who_are_not_superusers_see_but_cannot_release(db: None, held: Any, app_name: str) -> None:
+    client = Client()
+    client.force_login(User.objects.create_user("staff", password="pw", is_staff=True))
+    assert client.get(URL).status_code == 200
+    assert "Force release" not in client.get(URL).content.decode()
+    assert client.post(URL, {"key": f"{app_name}:orders", "confirm": "yes"}).status_code == 403
+    assert app.lock_manager.get_lock(f"{app_name}:orders") is not None
+
+
+def test_anonymous_users_are_sent_to_the_login_page(db: None) -> None:
+    response = Client().get(URL)
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_the_admin_index_links_to_the_locks_page(superuser_client: Client) -> None:
+    assert URL in superuser_client.get("/admin/").content.decode()
