@@ -1,8 +1,10 @@
-"""``install()`` once per cluster, guarded by a database row lock.
+"""``install()`` once per cluster, guarded twice: a cluster lock, then a database row lock.
 
-The guard is the ``InstalledPlugin`` row itself: the first node inserts it and holds its lock until
-``install()`` has run and committed; a second node migrating at the same time blocks on the row and then sees
-it installed. A plugin whose ``install()`` raises leaves no row, so the next start tries again.
+The first guard is ``app.lock_manager`` (key ``"install:{plugin}"``, auto-renewed while ``install()`` runs):
+nodes migrating at once take turns, so only one runs ``install()`` at a time, even on a database without row
+locks. The second guard is the ``InstalledPlugin`` row itself: the first node inserts it and holds its lock
+until ``install()`` has run and committed; a node that gets the lock afterwards sees the row installed and
+skips. A plugin whose ``install()`` raises leaves no row, so the next start tries again.
 """
 
 from __future__ import annotations
@@ -12,12 +14,29 @@ from typing import TYPE_CHECKING
 from django.db import transaction
 from django.utils import timezone
 
+from nocluster.errors import LockNotOwned
+
 if TYPE_CHECKING:
     from nocluster.plugin import Plugin
+
+# Seconds the install lock survives a node that dies while installing; renewed every third of it while held.
+INSTALL_LOCK_TTL = 10.0
 
 
 def install_once(plugin: Plugin) -> bool:
     """Run ``plugin.install()`` unless this cluster ran it already. Returns True when it ran here."""
+    lock = plugin.app.lock_manager.acquire(f"install:{plugin.name}", ttl=INSTALL_LOCK_TTL, auto_renew=True)
+    try:
+        return _install_in_transaction(plugin)
+    finally:
+        try:
+            lock.release()
+        except LockNotOwned as exc:
+            # The row guard kept install() to one run; the lost lock only let another node wait less.
+            plugin.logger.warning("plugin %s: install lock lost while installing: %s", plugin.name, exc)
+
+
+def _install_in_transaction(plugin: Plugin) -> bool:
     from nocluster.models import InstalledPlugin
 
     with transaction.atomic():

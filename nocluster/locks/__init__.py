@@ -1,0 +1,7 @@
+"""Locks across the cluster: ``app.lock_manager`` (see :class:`~nocluster.locks.manager.LockManager`)."""
+
+from __future__ import annotations
+
+from nocluster.locks.manager import LockManager
+
+__all__ = ["LockManager"]

@@ -1,0 +1,159 @@
+"""LockManager (``app.lock_manager``): acquire, try_acquire, run_exclusive and inspection, in seconds.
+
+Keys are namespaced ``"{app.name}:lock:{key}"``. The backend is chosen in ``NOCLUSTER["LOCKS"]``:
+``nocluster.locks.backends.local.LocalLockBackend`` (threads of one process; the default) or
+``nocluster.locks.backends.redis.RedisLockBackend`` (python-redis-lock, shared by every node).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from numbers import Real
+from typing import TYPE_CHECKING, TypeVar
+
+from nocluster.errors import LockAcquireError
+from nocluster.locks.backend import LockBackend, LockInfo
+from nocluster.locks.lock import Lock
+
+if TYPE_CHECKING:
+    from nocluster.app import Application
+
+logger = logging.getLogger("nocluster.locks")
+T = TypeVar("T")
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"lock key must be a non-empty str, got {key!r}")
+    return key
+
+
+def _check_seconds(key: str, what: str, value: object, allow_zero: bool) -> float:
+    if type(value) is not float and type(value) is not int and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise TypeError(f"lock {key!r}: {what} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"lock {key!r}: {what} must be {bound} seconds, got {value!r}")
+    return float(value)
+
+
+class LockManager:
+    """Locks across the cluster (or across threads, on the local backend).
+
+    Parameters:
+      app: the :class:`~nocluster.app.Application` (its ``name`` prefixes keys, its ``instance_id`` is
+        recorded as the holder).
+      backend: a :class:`~nocluster.locks.backend.LockBackend`.
+    """
+
+    def __init__(self, app: Application, backend: LockBackend) -> None:
+        self.app = app
+        self.backend = backend
+
+    @property
+    def prefix(self) -> str:
+        """``"{app.name}:lock:"``, the start of every lock name of this app."""
+        return f"{self.app.name}:lock:"
+
+    @property
+    def sequence(self) -> str:
+        """``"{app.name}:lock-tokens"``: the counter every fencing token of this app comes from."""
+        return f"{self.app.name}:lock-tokens"
+
+    def full_key(self, key: str) -> str:
+        """The backend name of ``key``: ``"{app.name}:lock:{key}"``."""
+        return self.prefix + _check_key(key)
+
+    # --- holding ------------------------------------------------------------------------------------------
+    def acquire(self, key: str, ttl: float = 0.5, timeout: float | None = None, *, auto_renew: bool = False) -> Lock:
+        """Block until ``key`` is held, and return the :class:`~nocluster.locks.lock.Lock` (a context manager).
+
+        Parameters:
+          key: what to lock (non-empty str).
+          ttl: seconds after which the lock frees itself if not released (safety release; > 0). With
+            ``auto_renew`` it is renewed every ``ttl / 3`` seconds while held.
+          timeout: seconds to wait at most (None: forever; 0: one attempt).
+          auto_renew: keep the lock while the work lasts longer than ``ttl`` (a named renewal thread; if
+            renewal finds the lock lost, ``lock.lost`` turns True and the loss is logged as an error).
+
+        Raises:
+          LockAcquireError: not acquired within ``timeout``; names the key and the current holder.
+          ValueError, TypeError: bad key, ttl or timeout; names the key.
+          BackendUnavailable: the lock server cannot be reached; names the key.
+        """
+        key = _check_key(key)
+        ttl = _check_seconds(key, "ttl", ttl, allow_zero=False)
+        if timeout is not None:
+            timeout = _check_seconds(key, "timeout", timeout, allow_zero=True)
+        name = self.prefix + key
+        lease = self.backend.acquire(name, self.app.instance_id, ttl, timeout, self.sequence)
+        if lease is None:
+            raise LockAcquireError(f"lock {key!r} not acquired within {timeout} s: {self._holder(name)}")
+        logger.debug("lock %r acquired by %s (token %s, ttl %s s)", key, self.app.instance_id, lease.token, ttl)
+        return Lock(self.backend, key, lease, ttl, auto_renew)
+
+    def try_acquire(self, key: str, ttl: float = 0.5, timeout: float = 0, *, auto_renew: bool = False) -> Lock:
+        """As :meth:`acquire`, but give up at once (or after ``timeout`` seconds) when another holder has it.
+
+        Two callers racing: exactly one wins; the other gets :class:`~nocluster.errors.LockAcquireError`.
+        """
+        return self.acquire(key, ttl, timeout, auto_renew=auto_renew)
+
+    def run_exclusive(
+        self, key: str, fn: Callable[[], T], ttl: float = 0.5, timeout: float | None = None, *, auto_renew: bool = False
+    ) -> T:
+        """Hold ``key``, call ``fn()``, release, and return its value; released when ``fn`` raises too.
+
+        Raises:
+          LockAcquireError: not acquired within ``timeout`` seconds.
+          LockNotOwned: ``fn`` returned after the lock was lost (its ttl passed without renewal), so it did not
+            run exclusively to the end. If ``fn`` raised, its exception propagates instead.
+          TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError(f"lock {key!r}: fn must be callable, got {fn!r}")
+        with self.acquire(key, ttl, timeout, auto_renew=auto_renew):
+            return fn()
+
+    # --- inspection (management command, admin) ---------------------------------------------------------
+    def _public(self, info: LockInfo) -> LockInfo:
+        return replace(info, key=info.name[len(self.prefix) :])
+
+    def _holder(self, name: str) -> str:
+        info = self.backend.inspect(name)
+        if info is None:
+            return "it was freed just now"
+        left = "no expiry" if info.time_left is None else f"{info.time_left:.3f} s left"
+        return f"held by instance {info.instance_id} (token {info.token}, {left})"
+
+    def list_locks(self, pattern: str = "*") -> list[LockInfo]:
+        """Held locks of this app whose key matches glob ``pattern`` (``*``, ``?``, ``[...]``), sorted by key.
+
+        On Redis this SCANs the keyspace (O(keys in the database)); for operators, not for hot paths.
+        """
+        return [self._public(info) for info in self.backend.scan(self.prefix, pattern or "*")]
+
+    def get_lock(self, key: str) -> LockInfo | None:
+        """The holder of ``key`` (instance id, token, seconds left), or None when it is free."""
+        info = self.backend.inspect(self.full_key(key))
+        return None if info is None else self._public(info)
+
+    def force_release(self, key: str) -> bool:
+        """Free ``key`` whoever holds it and wake a waiter; the old holder's release then raises LockNotOwned.
+
+        Returns True when a lock was held. For operators: the holder may still be running its work.
+        """
+        held = self.backend.force_release(self.full_key(key))
+        logger.warning("lock %r force-released by %s (was held: %s)", key, self.app.instance_id, held)
+        return held
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def after_fork(self) -> None:
+        """In a forked child: drop the backend's connections or process-local state."""
+        self.backend.after_fork()
+
+    def close(self) -> None:
+        """Close the backend's connections."""
+        self.backend.close()

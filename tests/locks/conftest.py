@@ -1,0 +1,52 @@
+"""Lock fixtures: a LockManager on each backend, with this test's own ``app.name`` and no keys left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nocluster import Application
+from nocluster.locks import LockManager
+
+LOCAL = {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
+
+
+def redis_locks(url: str) -> dict[str, Any]:
+    return {"BACKEND": "nocluster.locks.backends.redis.RedisLockBackend", "OPTIONS": {"url": url}}
+
+
+def delete_lock_keys(url: str, app_name: str) -> None:
+    """Delete this app's lock keys: the locks, python-redis-lock's signal lists and the token sequence."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        names = [*client.scan_iter(match=f"*{app_name}:lock:*", count=1000), f"{app_name}:lock-tokens"]
+        client.delete(*names)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_app(redis_url: str, app_name: str) -> Iterator[Application]:
+    """An Application named ``app_name`` whose locks are on the real Redis."""
+    app = Application({"NAME": app_name, "LOCKS": redis_locks(redis_url)})
+    yield app
+    app.lock_manager.close()
+    delete_lock_keys(redis_url, app_name)
+
+
+@pytest.fixture(params=["local", "redis"])
+def lock_app(request: pytest.FixtureRequest, app_name: str) -> Application:
+    """An Application named ``app_name`` on each lock backend in turn: local, then Redis."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_app")
+    return Application({"NAME": app_name, "LOCKS": LOCAL})
+
+
+@pytest.fixture
+def locks(lock_app: Application) -> LockManager:
+    """``lock_app.lock_manager`` (the contract suite runs on every backend through it)."""
+    return lock_app.lock_manager

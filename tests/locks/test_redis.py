@@ -1,0 +1,233 @@
+"""Behaviour only the Redis backend has: several processes, kill -9, the wire format, the socket timeout.
+
+Node processes get ``REDIS_URL`` from ``node_env``, so their ``app.lock_manager`` is the Redis backend, and
+the same ``app.name`` as this test's ``redis_app``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+from django.db import connection
+
+from nocluster import Application, BackendUnavailable, LockNotOwned
+from settings.test import RUN_ID
+from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes
+from tests.locks.conftest import delete_lock_keys, redis_locks
+
+SCENARIO = "tests.locks.scenarios:handle"
+NODES, INCREMENTS = 4, 250
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def cluster_env(node_env: dict[str, str], redis_url: str, app_name: str) -> Iterator[dict[str, str]]:
+    yield node_env
+    delete_lock_keys(redis_url, app_name)
+
+
+@pytest.fixture
+def counter_table(test_database_url: str, app_name: str) -> Iterator[str]:
+    """A one-row counter table of this test in the test database (committed, so node processes see it)."""
+    table = "locks_counter_" + re.sub(r"[^a-z0-9]", "_", app_name.lower())
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY, value integer NOT NULL)")
+        cursor.execute(f"INSERT INTO {table} (id, value) VALUES (1, 0)")
+    yield table
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def counter(table: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT value FROM {table} WHERE id = 1")
+        return int(cursor.fetchone()[0])
+
+
+def increment_on_every_node(env: dict[str, str], table: str, locked: bool) -> list[list[list[Any]]]:
+    nodes = start_nodes(NODES, env, scenario=SCENARIO, start=False)
+    try:
+        assert {node.request({"cmd": "hold", "key": "probe", "ttl": 0.01})["backend"] for node in nodes} == {
+            "RedisLockBackend"
+        }
+        command = {
+            "cmd": "increment",
+            "table": table,
+            "count": INCREMENTS,
+            "key": "counter",
+            "locked": locked,
+            "pause": 0.001,
+            "start_at": time.time() + 1.0,  # every node starts at the same instant
+        }
+        with ThreadPoolExecutor(max_workers=NODES) as pool:
+            return list(pool.map(lambda node: node.request(command, timeout=180), nodes))
+    finally:
+        stop_nodes(nodes)
+
+
+def test_four_nodes_incrementing_under_run_exclusive_lose_no_update(cluster_env: dict[str, str], counter_table: str):
+    # When 4 node processes each do 250 read-sleep-write increments of one row under the lock
+    results = increment_on_every_node(cluster_env, counter_table, locked=True)
+    # Then the row ends at exactly 1000
+    assert counter(counter_table) == NODES * INCREMENTS
+    # And every increment read a distinct value, and in that order the tokens strictly increase across processes
+    steps = sorted((value, token, node) for node, rows in enumerate(results) for value, token in rows)
+    assert [value for value, _, _ in steps] == list(range(NODES * INCREMENTS))
+    tokens = [token for _, token, _ in steps]
+    assert all(a < b for a, b in itertools.pairwise(tokens))
+    assert [len(rows) for rows in results] == [INCREMENTS] * NODES
+
+
+def test_four_nodes_incrementing_without_the_lock_lose_updates(cluster_env: dict[str, str], counter_table: str):
+    # The same work without the lock: shows the test above can fail
+    increment_on_every_node(cluster_env, counter_table, locked=False)
+    assert counter(counter_table) < NODES * INCREMENTS
+
+
+def test_a_killed_holder_frees_the_lock_after_its_ttl(cluster_env: dict[str, str], redis_app: Application) -> None:
+    # Given a node process holding a lock with a 3 s ttl, and a waiter in this process
+    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    try:
+        held = node.request({"cmd": "hold", "key": "job", "ttl": 3.0})
+        got: dict[str, Any] = {}
+        waiter = threading.Thread(
+            target=lambda: got.update(lock=redis_app.lock_manager.acquire("job", ttl=10, timeout=30)),
+            name="lock-waiter",
+        )
+        waiter.start()
+        # When the holder is killed with SIGKILL (it never releases)
+        node.kill()
+        killed_at = time.monotonic()
+        left = redis_app.lock_manager.get_lock("job").time_left
+        assert redis_app.lock_manager.get_lock("job").instance_id == held["instance_id"]
+        waiter.join(30)
+        # Then the waiter gets the lock once the ttl has run out, with a higher token
+        assert "lock" in got
+        assert time.monotonic() - killed_at >= left - 0.05
+        assert got["lock"].token > held["token"]
+        got["lock"].release()
+    finally:
+        node.stop()
+
+
+def test_tokens_increase_across_processes(cluster_env: dict[str, str], redis_app: Application) -> None:
+    # Given two node processes and this process taking turns on one key
+    nodes = start_nodes(2, cluster_env, scenario=SCENARIO, start=False)
+    take = "(lambda lock: (lock.release(), lock.token)[1])(app.lock_manager.acquire('shared', ttl=5, timeout=10))"
+    try:
+        tokens = []
+        for _ in range(3):
+            for node in nodes:
+                tokens.append(node.request({"cmd": "eval", "expr": take}))
+                with redis_app.lock_manager.acquire("shared", ttl=5, timeout=10) as lock:
+                    tokens.append(lock.token)
+        # Then every grant, whichever process got it, has a higher token than the one before
+        assert tokens == sorted(set(tokens)) and len(tokens) == 12
+    finally:
+        stop_nodes(nodes)
+
+
+def test_the_lock_is_stored_with_a_millisecond_ttl_holder_and_token(redis_app: Application, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    name = f"{redis_app.name}:lock:job"
+    # When a lock is taken with a sub-second ttl
+    lock = redis_app.lock_manager.acquire("job", ttl=0.25)
+    # Then Redis holds it for 250 ms (python-redis-lock alone would make it int(0.25) == 0 s)
+    assert 0 < client.pttl(name) <= 250
+    instance_id, _nonce, token = client.get(name).split(":")
+    assert (instance_id, int(token)) == (redis_app.instance_id, lock.token)
+    assert int(client.get(f"{redis_app.name}:lock-tokens")) == lock.token
+    # And a release deletes it and leaves python-redis-lock's wake-up signal for a waiter
+    lock.release()
+    assert not client.exists(name)
+    assert client.lrange(f"lock-signal:{name}", 0, -1) == ["1"]
+    client.close()
+
+
+def test_a_release_wakes_a_blocked_waiter_at_once(redis_app: Application) -> None:
+    # Given a holder with a 60 s ttl and a waiter blocked on it
+    held = redis_app.lock_manager.acquire("job", ttl=60)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(redis_app.lock_manager.acquire, "job", 10, 60)
+        time.sleep(0.2)  # let the waiter reach BLPOP
+        # When the holder releases
+        held.release()
+        # Then the waiter gets it long before the ttl would have freed it (BLPOP on the signal list, no polling)
+        lock = waiting.result(timeout=10)
+    lock.release()
+
+
+def test_a_wait_longer_than_the_socket_timeout_does_not_trip_it(redis_url: str, app_name: str) -> None:
+    # Given a backend whose Redis calls time out after 0.5 s, and a lock held for 1.5 s
+    backend = {**redis_locks(redis_url), "OPTIONS": {"url": redis_url, "socket_timeout": 0.5}}
+    app = Application({"NAME": app_name, "LOCKS": backend})
+    try:
+        held = app.lock_manager.acquire("job", ttl=1.5)
+        # When a waiter waits for it, then Redis's socket timeout does not break the wait (redis-py#2807)
+        lock = app.lock_manager.acquire("job", ttl=5, timeout=30)
+        assert lock.token > held.token
+        lock.release()
+        with pytest.raises(LockNotOwned):
+            held.release()
+    finally:
+        app.lock_manager.close()
+        delete_lock_keys(redis_url, app_name)
+
+
+def test_an_unreachable_redis_raises_backend_unavailable_naming_the_key(app_name: str) -> None:
+    app = Application({"NAME": app_name, "LOCKS": redis_locks("redis://127.0.0.1:9/0")})
+    with pytest.raises(BackendUnavailable, match=rf"'{app_name}:lock:job'.*unavailable"):
+        app.lock_manager.acquire("job", timeout=1)
+
+
+def manage_locks(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", "locks", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_locks_command_lists_shows_and_force_releases(redis_app: Application, redis_url: str) -> None:
+    env = {
+        **os.environ,
+        "DJANGO_ENV": "test",
+        "NOCLUSTER_TEST_RUN": RUN_ID,
+        "NOCLUSTER_NAME": redis_app.name,
+        "REDIS_URL": redis_url,
+    }
+    held = redis_app.lock_manager.acquire("jobs:nightly", ttl=60)
+    other = redis_app.lock_manager.acquire("reports", ttl=60)
+    try:
+        # list with a pattern, and show: holder instance, token
+        listed = manage_locks(env, "list", "jobs:*")
+        assert listed.returncode == 0, listed.stderr
+        assert "jobs:nightly" in listed.stdout and redis_app.instance_id in listed.stdout
+        assert "reports" not in listed.stdout
+        shown = manage_locks(env, "show", "jobs:nightly")
+        assert shown.returncode == 0 and f"token:         {held.token}" in shown.stdout, shown.stdout
+        # release without --force is refused with a one-line error
+        refused = manage_locks(env, "release", "jobs:nightly")
+        assert refused.returncode != 0 and "without --force" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert redis_app.lock_manager.get_lock("jobs:nightly") is not None
+        # release --force frees it; the old holder's release then raises
+        released = manage_locks(env, "release", "jobs:nightly", "--force")
+        assert released.returncode == 0, released.stderr
+        assert redis_app.lock_manager.get_lock("jobs:nightly") is None
+        missing = manage_locks(env, "show", "jobs:nightly")
+        assert missing.returncode != 0 and "not held" in missing.stderr
+        with pytest.raises(LockNotOwned):
+            held.release()
+    finally:
+        other.release()
