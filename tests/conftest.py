@@ -114,6 +114,21 @@ def node_env(test_database_url: str, redis_url: str, app_name: str) -> Iterator[
     yield env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def delete_run_keys() -> Iterator[None]:
+    """After the run, delete the Redis keys it left (lock token counters, caches): all carry the run id."""
+    yield
+    if not reachable(TEST_REDIS_URL, 6379):
+        return
+    import redis
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    names = list(client.scan_iter(match=f"*t{RUN_ID}*", count=1000))
+    for start in range(0, len(names), 500):
+        client.delete(*names[start : start + 500])
+    client.close()
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
     return [f"nocluster test run {RUN_ID}: database {db}, CI={'yes' if in_ci() else 'no'}"]

@@ -116,11 +116,11 @@ def test_plugin_class_must_be_a_plugin_subclass() -> None:
 
 
 def test_installed_apps_plugins_are_loaded_in_order() -> None:
-    from django.conf import settings
+    from django.apps import apps
 
     from nocluster import app
 
-    labels = [name.rsplit(".", 1)[-1] for name in settings.INSTALLED_APPS]
+    labels = [config.label for config in apps.get_app_configs()]
     names = app.plugins.names()
     assert "fixture_plugin" in names
     assert names == sorted(names, key=lambda name: labels.index(name) if name in labels else len(labels))
