@@ -1,6 +1,10 @@
-from django.contrib import admin
+from __future__ import annotations
 
-from nocluster.models import InstalledPlugin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from nocluster.models import FailedMessage, InstalledPlugin
 
 
 @admin.register(InstalledPlugin)
@@ -9,4 +13,37 @@ class InstalledPluginAdmin(admin.ModelAdmin):
     readonly_fields = ("name", "installed_at", "installed_by")
 
     def has_add_permission(self, request: object) -> bool:
+        return False
+
+
+@admin.register(FailedMessage)
+class FailedMessageAdmin(admin.ModelAdmin):
+    """Event queue messages whose last try failed; the re-queue action publishes them again."""
+
+    list_display = ("channel", "message_id", "tries", "node", "short_error", "created")
+    list_filter = ("channel", "node")
+    search_fields = ("channel", "message_id", "error")
+    readonly_fields = [field.name for field in FailedMessage._meta.fields]
+    actions = ["requeue"]
+
+    @admin.display(description="error")
+    def short_error(self, failed: FailedMessage) -> str:
+        return failed.error.splitlines()[0][:120] if failed.error else ""
+
+    @admin.action(description="Re-queue selected messages")
+    def requeue(self, request: HttpRequest, queryset: QuerySet[FailedMessage]) -> None:
+        from nocluster import app
+        from nocluster.queue.failures import requeue
+
+        done = 0
+        for failed in queryset:
+            try:
+                requeue(app.event_queue, failed)
+                done += 1
+            except Exception as exc:
+                self.message_user(request, f"{failed}: not re-queued: {exc}", messages.ERROR)
+        if done:
+            self.message_user(request, f"{done} message(s) re-queued", messages.SUCCESS)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -17,3 +17,24 @@ class InstalledPlugin(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class FailedMessage(models.Model):
+    """An event queue message whose last try failed: kept, never dropped, and re-queueable from the admin."""
+
+    app_name = models.CharField(max_length=100, blank=True, help_text="app.name of the publishing project")
+    channel = models.CharField(max_length=200, db_index=True, help_text="channel, without the app prefix")
+    message_id = models.CharField(max_length=32, blank=True, db_index=True)
+    payload = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    tries = models.PositiveIntegerField(default=1, help_text="tries made, the first one included")
+    max_retries = models.PositiveIntegerField(default=0)
+    timeout = models.FloatField(default=15.0, help_text="seconds")
+    node = models.CharField(max_length=200, blank=True, help_text="node that made the last try")
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.message_id} ({self.tries} tries)"

@@ -1,0 +1,1 @@
+"""User-visible asynchronous tasks (``tasks.api``): records, progress, cancellation from any node, admin."""

@@ -1,0 +1,66 @@
+"""The event queue backend interface: the wire only. Policy (prefix, JSON check, retries, failures) is the manager's.
+
+A backend carries :class:`~nocluster.queue.message.Message` objects to the consumers of a channel and, when
+a node takes one, calls ``manager.deliver(message, node)``, which runs it and decides what happens next
+(done, retry through :meth:`QueueBackend.publish` with a delay, or a failed record).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nocluster.queue.manager import EventQueue
+    from nocluster.queue.message import Message, Subscription
+
+
+class QueueBackend(ABC):
+    """Base class of event queue backends.
+
+    Attributes (seconds):
+      max_timeout: the longest message timeout this backend accepts (None: no limit).
+      grace: how long work that ignores its abort signal may go on before the backend stops it.
+      retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
+    """
+
+    max_timeout: float | None = None
+    grace: float = 5.0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 60.0
+
+    manager: EventQueue
+
+    def attach(self, manager: EventQueue) -> None:
+        """Called once by the manager that owns this backend."""
+        self.manager = manager
+
+    @abstractmethod
+    def register(self, full_channel: str, subscription: Subscription) -> None:
+        """Consume ``full_channel`` (``"{app.name}.{channel}"``) for ``subscription`` once started."""
+
+    @abstractmethod
+    def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
+        """Queue ``message`` on ``full_channel``, to be taken no sooner than ``delay`` seconds from now.
+
+        Returns after the message is queued (for a broker: accepted by it).
+        """
+
+    def start(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
+        """Start this process's consumers (no-op for backends whose consumers run elsewhere)."""
+
+    def stop(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
+        """Stop taking messages, finish or hand back what is in flight, close connections."""
+
+    def after_fork(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
+        """In a forked child: forget threads and connections inherited from the parent."""
+
+    def retry_delay(self, retried: int) -> float:
+        """Seconds to wait before the try after try number ``retried`` (0 = the first try) failed."""
+        return float(min(self.retry_backoff * (2**retried), self.retry_backoff_max))
+
+    def check_timeout(self, timeout: float) -> str | None:
+        """Return why ``timeout`` (seconds) cannot be used with this backend, or None if it can."""
+        if self.max_timeout is not None and timeout > self.max_timeout:
+            return f"timeout {timeout} s exceeds the longest this queue allows ({self.max_timeout} s)"
+        return None

@@ -1,0 +1,1 @@
+"""Event queue backends: ``memory`` (threads in this process) and ``celery`` (Celery on RabbitMQ or Redis)."""

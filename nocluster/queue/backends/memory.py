@@ -1,0 +1,188 @@
+"""MemoryQueueBackend: the event queue in this process, on named worker threads. The embedded default.
+
+Limits, by design: messages live in this process's memory only. They are lost when the process exits or
+crashes, and another process never sees them (each node runs what it publishes). Use the celery backend in a
+cluster. ``drain(timeout)`` waits until everything queued has run, for tests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.db import close_old_connections, connections
+
+from nocluster.queue.backend import QueueBackend
+from nocluster.queue.message import Message, Subscription
+
+logger = logging.getLogger("nocluster.queue.memory")
+
+
+@dataclass
+class _Channel:
+    full_name: str
+    subscription: Subscription
+    ready: list[tuple[float, int, Message]] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    in_flight: int = 0
+
+
+class MemoryQueueBackend(QueueBackend):
+    """In-process queue: per channel a heap of messages (by due time) and ``concurrency`` worker threads.
+
+    Options (seconds):
+      poll_interval: how often a worker asks ``idle()`` again while it says False.
+      grace: work still running this long after its timeout is stopped in its thread (see ``runner``).
+      retry_backoff, retry_backoff_max: retry delays, ``min(retry_backoff * 2**n, retry_backoff_max)``.
+      stop_timeout: how long ``stop()`` waits for each worker thread to finish its message.
+    """
+
+    def __init__(
+        self,
+        *,
+        poll_interval: float = 0.1,
+        grace: float = 5.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 60.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.poll_interval = poll_interval
+        self.grace = grace
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.stop_timeout = stop_timeout
+        self._reset()
+
+    def _reset(self) -> None:
+        self._channels: dict[str, _Channel] = {}
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._started = False
+        self._stopping = False
+
+    # --- the contract -----------------------------------------------------------------------------------
+    def register(self, full_channel: str, subscription: Subscription) -> None:
+        with self._cond:
+            channel = self._channels.get(full_channel)
+            if channel is not None:
+                channel.subscription = subscription
+                return
+            channel = self._channels[full_channel] = _Channel(full_channel, subscription)
+            if self._started:
+                self._spawn(channel)
+
+    def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
+        with self._cond:
+            channel = self._channels[full_channel]
+            heapq.heappush(channel.ready, (time.monotonic() + max(delay, 0.0), next(self._seq), message))
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        with self._cond:
+            if self._started:
+                return
+            self._started = True
+            self._stopping = False
+            for channel in self._channels.values():
+                self._spawn(channel)
+
+    def stop(self) -> None:
+        """Stop the workers once their current message is done (queued messages stay in memory, unrun)."""
+        with self._cond:
+            if not self._started:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+            threads = [thread for channel in self._channels.values() for thread in channel.threads]
+        for thread in threads:
+            thread.join(self.stop_timeout)
+            if thread.is_alive():
+                logger.error("queue worker %s did not stop within %s s", thread.name, self.stop_timeout)
+        with self._cond:
+            for channel in self._channels.values():
+                channel.threads = [thread for thread in channel.threads if thread.is_alive()]
+            self._started = False
+
+    def after_fork(self) -> None:
+        # The parent's threads are gone and its queued messages are the parent's to run.
+        subscriptions = {name: channel.subscription for name, channel in self._channels.items()}
+        self._reset()
+        for name, subscription in subscriptions.items():
+            self._channels[name] = _Channel(name, subscription)
+
+    # --- for tests ------------------------------------------------------------------------------------
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait up to ``timeout`` seconds until no message is queued or running; True if that happened."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any(channel.ready or channel.in_flight for channel in self._channels.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+            return True
+
+    def queued(self, full_channel: str) -> int:
+        """Messages waiting on ``full_channel`` (not running)."""
+        with self._cond:
+            return len(self._channels[full_channel].ready)
+
+    # --- workers ----------------------------------------------------------------------------------------
+    def _spawn(self, channel: _Channel) -> None:
+        alive = [thread for thread in channel.threads if thread.is_alive()]
+        for index in range(len(alive), channel.subscription.concurrency):
+            thread = threading.Thread(
+                target=self._work, args=(channel,), name=f"queue-{channel.full_name}-{index}", daemon=True
+            )
+            alive.append(thread)
+            thread.start()
+        channel.threads = alive
+
+    def _work(self, channel: _Channel) -> None:
+        try:
+            while True:
+                message = self._take(channel)
+                if message is None:
+                    return
+                try:
+                    self.manager.deliver(message, node=self.manager.app.instance_id, grace=self.grace)
+                except Exception:
+                    logger.exception("queue %s: message %s could not be settled", channel.full_name, message.id)
+                finally:
+                    close_old_connections()
+                    with self._cond:
+                        channel.in_flight -= 1
+                        self._cond.notify_all()
+        finally:
+            connections.close_all()
+
+    def _take(self, channel: _Channel) -> Message | None:
+        """The next due message once this node is idle for the channel; None when stopping."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return None
+                now = time.monotonic()
+                if not channel.ready or channel.ready[0][0] > now:
+                    wait = channel.ready[0][0] - now if channel.ready else self.poll_interval * 10
+                    self._cond.wait(min(max(wait, 0.001), 1.0))
+                    continue
+            if not self._is_idle(channel):
+                with self._cond:
+                    self._cond.wait(self.poll_interval)
+                continue
+            with self._cond:
+                if channel.ready and channel.ready[0][0] <= time.monotonic() and not self._stopping:
+                    channel.in_flight += 1
+                    return heapq.heappop(channel.ready)[2]
+
+    def _is_idle(self, channel: _Channel) -> bool:
+        try:
+            return channel.subscription.is_idle()
+        except Exception:
+            logger.exception("queue %s: idle() raised; treating this node as busy", channel.full_name)
+            return False

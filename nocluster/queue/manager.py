@@ -1,0 +1,206 @@
+"""``app.event_queue``: queued, retryable work on any node (SPEC.md, "Event queue").
+
+The manager owns the policy: the ``{app.name}.`` prefix, the JSON check, refusing unknown channels, publishing
+on commit, running a message with its abort signal, retries with backoff and the failed-message record. The
+backend only carries messages (see :mod:`nocluster.queue.backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+
+from nocluster.envelope import ensure_json, validate_channel
+from nocluster.errors import UnknownChannel
+from nocluster.queue import failures
+from nocluster.queue.message import Message, Process, Subscription
+from nocluster.queue.runner import Outcome, run_message
+from nocluster.queue.signal import CANCELLED, AbortSignal
+
+if TYPE_CHECKING:
+    from nocluster.app import Application
+    from nocluster.queue.backend import QueueBackend
+
+logger = logging.getLogger("nocluster.queue")
+
+
+class EventQueue:
+    """Publish work on a channel; a node subscribed to it runs ``process(payload, context)``.
+
+    Parameters:
+      app: the :class:`~nocluster.app.Application` (its ``name`` prefixes channels).
+      backend: a :class:`~nocluster.queue.backend.QueueBackend`.
+    """
+
+    def __init__(self, app: Application, backend: QueueBackend) -> None:
+        self.app = app
+        self.backend = backend
+        self._subscriptions: dict[str, Subscription] = {}
+        self._running: dict[str, AbortSignal] = {}
+        self._lock = threading.Lock()
+        backend.attach(self)
+
+    # --- channels -------------------------------------------------------------------------------------
+    def full_channel(self, channel: str) -> str:
+        """The channel on the wire: ``"{app.name}.{channel}"``."""
+        return f"{self.app.name}.{channel}"
+
+    def subscribe(
+        self, channel: str, process: Process, concurrency: int = 1, idle: Callable[[], bool] | None = None
+    ) -> None:
+        """Run ``process(payload, context)`` for messages of ``channel`` on this node's consumers.
+
+        Parameters:
+          channel: the channel name (letters, digits, ``_ . : -``), without the app prefix.
+          process: called with the JSON payload and a :class:`~nocluster.queue.message.Context`.
+          concurrency: at most this many ``process`` calls of this channel at once on one node (>= 1).
+          idle: asked before this node takes a message; False leaves it queued (no retry is counted).
+
+        Every process of the project registers the same subscriptions; only consumer processes run them.
+        Subscribing a channel again replaces its process.
+        """
+        validate_channel(channel)
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"channel {channel!r}: concurrency must be an int >= 1, got {concurrency!r}")
+        subscription = Subscription(channel, process, concurrency, idle)
+        with self._lock:
+            self._subscriptions[channel] = subscription
+        self.backend.register(self.full_channel(channel), subscription)
+
+    def subscription(self, channel: str) -> Subscription:
+        """The subscription of ``channel``; raises :class:`~nocluster.errors.UnknownChannel` if there is none."""
+        try:
+            return self._subscriptions[channel]
+        except KeyError:
+            raise UnknownChannel(
+                f"event queue channel {channel!r} of app {self.app.name!r} has no subscriber in this project "
+                f"(subscribe it in a plugin's load(); known: {sorted(self._subscriptions)})"
+            ) from None
+
+    def channels(self) -> list[str]:
+        """The subscribed channels (without prefix)."""
+        return sorted(self._subscriptions)
+
+    # --- publishing ---------------------------------------------------------------------------------------
+    def publish(
+        self, channel: str, payload: Any, timeout: float = 15.0, max_retries: int = 0, using: str | None = None
+    ) -> str:
+        """Queue ``payload`` for ``channel``; return the message id.
+
+        Parameters:
+          payload: a JSON value (else ``TypeError`` naming the channel).
+          timeout: seconds after which ``context.signal`` fires; the try then counts as failed.
+          max_retries: further tries after a failure, with exponential backoff.
+          using: the database alias whose transaction gates the publish: inside ``atomic()`` the message
+            goes out after the commit, never after a rollback; outside one it goes out at once.
+
+        Raises:
+          UnknownChannel: nothing subscribed to ``channel``.
+          TypeError: ``payload`` is not JSON.
+          ValueError: ``timeout`` or ``max_retries`` are out of range.
+        """
+        self.subscription(channel)
+        ensure_json(channel, payload)
+        self._check_limits(channel, timeout, max_retries)
+        message = Message(channel, payload, timeout=float(timeout), max_retries=max_retries)
+        full_channel = self.full_channel(channel)
+        if connections[using or DEFAULT_DB_ALIAS].in_atomic_block:
+            transaction.on_commit(lambda: self.backend.publish(full_channel, message), using=using)
+        else:
+            self.backend.publish(full_channel, message)
+        return message.id
+
+    def _check_limits(self, channel: str, timeout: float, max_retries: int) -> None:
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"channel {channel!r}: timeout must be a number of seconds > 0, got {timeout!r}")
+        problem = self.backend.check_timeout(float(timeout))
+        if problem:
+            raise ValueError(f"channel {channel!r}: {problem}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"channel {channel!r}: max_retries must be an int >= 0, got {max_retries!r}")
+
+    # --- running (called by backends) ------------------------------------------------------------------------
+    def deliver(self, message: Message, node: str, grace: float | None = None) -> Outcome:
+        """Run ``message`` on this node and settle it: done, retried later, or recorded as failed.
+
+        Parameters:
+          node: who runs it (instance id or worker name), for logs and the failed record.
+          grace: if set, work still running ``grace`` seconds after its timeout is stopped in its thread.
+        """
+        subscription = self.subscription(message.channel)
+        outcome = self.execute(subscription, message, grace)
+        self.settle(message, outcome, node)
+        return outcome
+
+    def execute(self, subscription: Subscription, message: Message, grace: float | None = None) -> Outcome:
+        """Run ``process`` once with a fresh abort signal, registered for :meth:`cancel` while it runs."""
+        signal = AbortSignal()
+        with self._lock:
+            self._running[message.id] = signal
+        try:
+            return run_message(subscription, message, signal, grace)
+        finally:
+            with self._lock:
+                if self._running.get(message.id) is signal:
+                    del self._running[message.id]
+
+    def settle(self, message: Message, outcome: Outcome, node: str) -> None:
+        """After a try: nothing to do, a retry with backoff, or a failed record (never a silent drop)."""
+        if outcome.status != "failed":
+            logger.debug("%s %s on %s: %s", self.full_channel(message.channel), message.id, node, outcome.status)
+            return
+        self.fail_or_retry(message, outcome.error, node)
+
+    def fail_or_retry(self, message: Message, error: str, node: str) -> None:
+        """Publish the next try of ``message`` after its backoff, or record it as failed if none is left."""
+        full_channel = self.full_channel(message.channel)
+        if message.retried < message.max_retries:
+            delay = self.backend.retry_delay(message.retried)
+            logger.warning(
+                "%s %s failed on %s (try %d of %d), retrying in %.1f s: %s",
+                full_channel, message.id, node, message.retried + 1, message.max_retries + 1, delay,
+                error.splitlines()[0] if error else "",
+            )  # fmt: skip
+            try:
+                self.backend.publish(full_channel, message.next_try(), delay=delay)
+                return
+            except Exception as exc:
+                error = f"{error}\n(retry could not be published: {type(exc).__name__}: {exc})"
+        logger.error(
+            "%s %s failed on %s after %d tries: %s", full_channel, message.id, node, message.retried + 1, error
+        )
+        failures.record(self, message, error, node)
+
+    # --- cancellation ------------------------------------------------------------------------------------------
+    def cancel(self, message_id: str, reason: str = CANCELLED) -> bool:
+        """Fire the abort signal of message ``message_id`` if it runs in this process; True if it did.
+
+        Cancellation from another node goes over pub/sub (see ``tasks``); each node calls this.
+        """
+        with self._lock:
+            signal = self._running.get(message_id)
+        return bool(signal and signal.abort(reason))
+
+    def running(self) -> list[str]:
+        """Ids of the messages running in this process now."""
+        with self._lock:
+            return list(self._running)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start this process's consumers (memory: worker threads; celery: nothing, workers consume)."""
+        self.backend.start()
+
+    def stop(self) -> None:
+        """Stop taking messages and wait for those in flight (see the backend)."""
+        self.backend.stop()
+
+    def after_fork(self) -> None:
+        # A lock held by a parent thread at fork time would never be released in the child: replace it.
+        self._lock = threading.Lock()
+        self._running = {}
+        self.backend.after_fork()

@@ -1,0 +1,137 @@
+"""Queue handlers shared by the test process (which publishes) and the Celery workers (which run them).
+
+Every process of a project registers the same subscriptions: the workers import ``tests.queue.worker_scenarios``
+(``celery worker -I``), which calls :func:`register` on their ``nocluster.app``; the test process calls it on the
+Application it publishes with. Handlers report what they did as JSON events on a Redis list
+``"{app.name}:events"`` that the test reads (:func:`events`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+
+from nocluster.app import Application
+from nocluster.queue.message import Context
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def events_key(name: str) -> str:
+    return f"{name}:events"
+
+
+def events(name: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The events handlers of project ``name`` recorded, oldest first (optionally only those of ``kind``)."""
+    found = [json.loads(raw) for raw in client().lrange(events_key(name), 0, -1)]
+    return [event for event in found if kind is None or event["kind"] == kind]
+
+
+def of(found: list[dict[str, Any]], message_id: str) -> list[dict[str, Any]]:
+    """The events of message ``message_id``."""
+    return [event for event in found if event["id"] == message_id]
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals ``(start, end)`` open at one instant."""
+    points = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def set_idle(name: str, idle: bool) -> None:
+    client().set(f"{name}:idle", "1" if idle else "0", ex=600)
+
+
+def register(app: Application) -> None:
+    """Subscribe every test channel of project ``app.name``."""
+    name = app.name
+
+    def record(kind: str, context: Context, **extra: Any) -> None:
+        event = {
+            "kind": kind,
+            "id": context.id,
+            "retried": context.retried,
+            "pid": os.getpid(),
+            "node": os.getppid(),
+            "t": time.time(),
+            **extra,
+        }
+        client().rpush(events_key(name), json.dumps(event))
+
+    def echo(payload: Any, context: Context) -> None:
+        record("echo", context, payload=payload)
+
+    def flaky(payload: Any, context: Context) -> None:
+        record("flaky", context)
+        if payload.get("succeed_at") is None or context.retried < payload["succeed_at"]:
+            raise RuntimeError(f"flaky failure on try {context.retried}")
+
+    def overrun(payload: Any, context: Context) -> None:
+        # Cooperative: waits longer than its timeout, but gives up when the signal fires.
+        aborted = context.signal.wait(payload["sleep"])
+        record("overrun", context, aborted=aborted, reason=context.signal.reason)
+
+    def stubborn(payload: Any, context: Context) -> None:
+        # Ignores its signal entirely (a blocking call, in steps so the memory backend can stop it too).
+        record("stubborn-start", context)
+        deadline = time.monotonic() + payload["sleep"]
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        record("stubborn-end", context)
+
+    def deaf(payload: Any, context: Context) -> None:
+        # Ignores its signal and even the soft time limit: only killing its process stops it.
+        record("deaf-start", context)
+        deadline = time.monotonic() + payload["sleep"]
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BaseException):  # the point of this handler
+                time.sleep(0.05)
+        record("deaf-end", context)
+
+    def poison(payload: Any, context: Context) -> None:
+        # Kills its own process, every time (an OOM kill, a segfault).
+        record("poison", context)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def slow(payload: Any, context: Context) -> None:
+        started = time.time()
+        time.sleep(payload["sleep"])
+        record("slow", context, start=started, end=time.time())
+
+    def gated(payload: Any, context: Context) -> None:
+        record("gated", context, payload=payload)
+
+    def gate() -> bool:
+        return client().get(f"{name}:idle") == b"1"
+
+    def long(payload: Any, context: Context) -> None:
+        record("long-start", context)
+        if context.signal.wait(payload["sleep"]):
+            record("long-aborted", context, reason=context.signal.reason)
+            context.signal.throw_if_aborted()
+        record("long-done", context)
+
+    queue = app.event_queue
+    queue.subscribe("echo", echo, concurrency=3)
+    queue.subscribe("flaky", flaky, concurrency=2)
+    queue.subscribe("overrun", overrun, concurrency=2)
+    queue.subscribe("stubborn", stubborn, concurrency=2)
+    queue.subscribe("deaf", deaf, concurrency=2)
+    queue.subscribe("poison", poison)
+    queue.subscribe("slow", slow, concurrency=2)
+    queue.subscribe("gated", gated, concurrency=2, idle=gate)
+    queue.subscribe("long", long, concurrency=3)

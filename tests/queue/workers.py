@@ -1,0 +1,94 @@
+"""Real Celery worker processes for the queue tests: ``celery -A nocluster.celery worker`` (prefork)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.helpers import ROOT, wait_until
+
+# Short limits, so that timeouts, retries and the Redis visibility timeout (24 s) fit the test budget.
+QUEUE_LIMITS = {
+    "NOCLUSTER_QUEUE_MAX_TIMEOUT": "10",
+    "NOCLUSTER_QUEUE_GRACE": "1",
+    "NOCLUSTER_QUEUE_RETRY_BACKOFF": "0.2",
+    "NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX": "2",
+    "NOCLUSTER_QUEUE_DEFER_DELAY": "0.2",
+}
+
+
+class Worker:
+    """One Celery worker (main process + ``concurrency`` pool processes) in its own process group."""
+
+    def __init__(self, name: str, env: dict[str, str], concurrency: int = 3, include: str = "") -> None:
+        self.name = name
+        self.log = Path(tempfile.mkstemp(prefix=f"nocluster-{name}-", suffix=".log")[1])
+        command = [
+            sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker",
+            "-P", "prefork", "-c", str(concurrency), "-n", f"{name}@%h",
+            "--without-gossip", "--without-mingle", "-l", "INFO",
+        ]  # fmt: skip
+        if include:
+            command += ["-I", include]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> Worker:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited; log:\n{self.log_text()[-3000:]}")
+            return " ready." in self.log_text()
+
+        wait_until(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: main process and pool processes (a crashed node)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM); SIGKILL the group if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # pool processes left behind, if any
+        self.proc.wait(10)
+
+
+def start_workers(names: list[str], env: dict[str, str], concurrency: int = 3, include: str = "") -> list[Worker]:
+    workers = [Worker(name, env, concurrency, include) for name in names]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+    except BaseException:
+        stop_workers(workers)
+        raise
+    return workers
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    for worker in workers:
+        worker.stop()
