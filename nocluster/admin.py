@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from nocluster.models import FailedMessage, InstalledPlugin
+from nocluster.models import FailedMessage, InstalledPlugin, Node
 
 
 @admin.register(InstalledPlugin)
@@ -46,4 +46,34 @@ class FailedMessageAdmin(admin.ModelAdmin):
             self.message_user(request, f"{done} message(s) re-queued", messages.SUCCESS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    """The node registry, read-only: every node keeps its own row up to date."""
+
+    list_display = ("instance_id", "state", "role", "host", "pid", "last_heartbeat", "started_at")
+    list_filter = ("role", "host")
+    search_fields = ("instance_id", "host")
+    readonly_fields = [field.name for field in Node._meta.fields]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
+        from nocluster import app
+
+        return super().get_queryset(request).filter(app_name=app.name)
+
+    @admin.display(description="state")
+    def state(self, node: Node) -> str:
+        from django.utils import timezone
+
+        from nocluster import app
+        from nocluster.nodes import node_state
+
+        return node_state(node, timezone.now(), app.node_registry.settings.gone_after)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False

@@ -14,12 +14,15 @@ import uuid
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
+
 from nocluster.conf import get_config, load_backend
 from nocluster.plugin import PluginRegistry
 
 if TYPE_CHECKING:
     from nocluster.cache import Cache, CacheManager
     from nocluster.locks import LockManager
+    from nocluster.nodes import NodeRegistry
     from nocluster.pubsub import PubSubManager
     from nocluster.queue import EventQueue
     from nocluster.sync import SyncMessageManager
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.app")
 
 # Managers with connections or threads; started and stopped in this order (stopped in reverse).
-RUNNING_MANAGERS = ("pub_sub_manager", "event_queue")
+RUNNING_MANAGERS = ("pub_sub_manager", "event_queue", "node_registry")
 
 
 class Application:
@@ -42,6 +45,7 @@ class Application:
         self._state_lock = threading.RLock()
         self._instance_id = uuid.uuid4().hex
         self.started = False
+        self.role = "node"
         self.plugins = PluginRegistry(self)
 
     # --- names -----------------------------------------------------------------------------------------
@@ -102,6 +106,20 @@ class Application:
 
         return LockManager(self, load_backend("LOCKS", self.config))
 
+    @cached_property
+    def node_registry(self) -> NodeRegistry:
+        """This node's entry in the cluster's node registry (started by :meth:`start`)."""
+        from nocluster.nodes import NodeRegistry
+
+        return NodeRegistry(self)
+
+    def backend_names(self) -> dict[str, str]:
+        """The configured backend class of each component, by dotted path (without building anything)."""
+        sections = ("PUBSUB", "EVENT_QUEUE", "LOCKS")
+        names = {section.lower(): str(self.config[section]["BACKEND"]) for section in sections}
+        names["cache"] = str(settings.CACHES["default"]["BACKEND"])
+        return names
+
     def built(self, attribute: str) -> Any | None:
         """The manager ``attribute`` if it was built already, else None (never builds it)."""
         return self.__dict__.get(attribute)
@@ -116,8 +134,10 @@ class Application:
         self.load_plugins()
         self.plugins.install()
 
-    def start(self) -> None:
+    def start(self, role: str | None = None) -> None:
         """Start this process's consumers, then run every plugin's ``after_start``.
+
+        ``role`` (``"web"``, ``"worker"``...) is what the node registry shows for this process.
 
         Idempotent. If a plugin fails in ``after_start``, what was started is stopped again and the
         :class:`~nocluster.errors.PluginError` propagates: a node does not half-start.
@@ -125,6 +145,8 @@ class Application:
         with self._state_lock:
             if self.started:
                 return
+            if role is not None:
+                self.role = role
             self.load_plugins()
             started: list[Any] = []
             try:
@@ -161,7 +183,7 @@ class Application:
         self._state_lock = threading.RLock()
         self._instance_id = uuid.uuid4().hex
         self.started = False
-        for attribute in ("pub_sub_manager", "event_queue", "lock_manager", "sync_message_manager"):
+        for attribute in ("pub_sub_manager", "event_queue", "lock_manager", "sync_message_manager", "node_registry"):
             manager = self.built(attribute)
             if manager is not None and hasattr(manager, "after_fork"):
                 manager.after_fork()

@@ -152,7 +152,7 @@ def start_node(**kwargs: Any) -> None:
     """Each pool process is a node: start its consumers (pub/sub, so cancels reach it) after fork."""
     from nocluster import app as node
 
-    node.start()
+    node.start(role="worker")
 
 
 @signals.worker_process_shutdown.connect

@@ -38,3 +38,38 @@ class FailedMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} {self.message_id} ({self.tries} tries)"
+
+
+class Node(models.Model):
+    """A node process (web or worker) of the cluster, as it registered itself; see :mod:`nocluster.nodes`."""
+
+    instance_id = models.CharField(max_length=32, primary_key=True)
+    app_name = models.CharField(max_length=100, db_index=True)
+    role = models.CharField(max_length=20, help_text="web, worker or node")
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    plugins = models.JSONField(default=list)
+    backends = models.JSONField(default=dict, help_text="component: backend class")
+    started_at = models.DateTimeField()
+    last_heartbeat = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="set when the node stopped gracefully")
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.instance_id[:8]} on {self.host} (pid {self.pid})"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "instance_id": self.instance_id,
+            "app_name": self.app_name,
+            "role": self.role,
+            "host": self.host,
+            "pid": self.pid,
+            "plugins": self.plugins,
+            "backends": self.backends,
+            "started_at": self.started_at.isoformat(),
+            "last_heartbeat": self.last_heartbeat.isoformat(),
+            "stopped_at": self.stopped_at.isoformat() if self.stopped_at else None,
+        }

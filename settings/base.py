@@ -121,7 +121,22 @@ NOCLUSTER = {
         else {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
     ),
     "SYNC": {"DEBOUNCE": float(env("NOCLUSTER_SYNC_DEBOUNCE", "1.0"))},
+    # The node registry (nocluster/nodes.py), in seconds.
+    "NODES": {
+        "ENABLED": env_bool("NOCLUSTER_NODE_REGISTRY", True),
+        "HEARTBEAT": float(env("NOCLUSTER_HEARTBEAT", "5")),
+        "GONE_AFTER": float(env("NOCLUSTER_NODE_GONE_AFTER", "15")),
+        "REMOVE_AFTER": float(env("NOCLUSTER_NODE_REMOVE_AFTER", "300")),
+    },
 }
+
+# --- Event queue limits, in seconds (nocluster/celery.py derives Celery's time limits and the Redis
+# visibility timeout from them). ---
+NOCLUSTER_QUEUE_MAX_TIMEOUT = float(env("NOCLUSTER_QUEUE_MAX_TIMEOUT", "300"))
+NOCLUSTER_QUEUE_GRACE = float(env("NOCLUSTER_QUEUE_GRACE", "5"))
+NOCLUSTER_QUEUE_RETRY_BACKOFF = float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF", "1"))
+NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX = float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX", "60"))
+NOCLUSTER_QUEUE_DEFER_DELAY = float(env("NOCLUSTER_QUEUE_DEFER_DELAY", "0.5"))
 
 # --- Celery (used only when BROKER_URL is set). nocluster/celery.py adds the reliability settings. ---
 CELERY_BROKER_URL = BROKER_URL or "memory://"

@@ -44,6 +44,9 @@ else:
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
 
 NOCLUSTER = {**NOCLUSTER, "NAME": env("NOCLUSTER_NAME", f"t{RUN_ID}"), "SYNC": {"DEBOUNCE": 0.2}}
+# Off unless a test turns it on for its node processes: in-process applications of the tests must not write
+# heartbeats from a thread into a database pytest-django guards.
+NOCLUSTER["NODES"] = {**NOCLUSTER["NODES"], "ENABLED": env_bool("NOCLUSTER_NODE_REGISTRY", False)}
 CACHES = {**CACHES}
 CACHES["redis"] = {
     "BACKEND": "django_redis.cache.RedisCache",

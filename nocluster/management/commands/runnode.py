@@ -42,7 +42,7 @@ class Command(BaseCommand):
         stopping = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.set())
-        app.start()
+        app.start(role="node")
         announce_ready()
         try:
             stopping.wait()
@@ -62,7 +62,7 @@ class Command(BaseCommand):
                 self.cfg.set("threads", threads)
                 self.cfg.set("graceful_timeout", 30)
                 # The worker is a forked child: it starts its own consumers, after fork.
-                self.cfg.set("post_worker_init", lambda worker: (app.start(), announce_ready()))
+                self.cfg.set("post_worker_init", lambda worker: (app.start(role="web"), announce_ready()))
                 self.cfg.set("worker_exit", lambda server, worker: app.stop())
 
             def load(self) -> Any:

@@ -18,6 +18,6 @@ class Command(StaticfilesRunserver):
     help = "Starts a development web server and this node's nocluster consumers (pub/sub, queue)."
 
     def inner_run(self, *args: Any, **options: Any) -> None:
-        app.start()
+        app.start(role="web")
         atexit.register(app.stop)
         super().inner_run(*args, **options)
