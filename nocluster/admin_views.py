@@ -38,13 +38,14 @@ def _force_release(request: HttpRequest) -> HttpResponse:
     if not request.user.is_superuser:
         raise PermissionDenied("only superusers may force-release locks")
     key = request.POST.get("key", "")
-    if not key or request.POST.get("confirm") != "yes":
-        messages.error(request, "Nothing released: name a lock and confirm.")
-    elif app.lock_manager.force_release(key):
+    token = request.POST.get("token", "")
+    if not key or not token.isdigit() or request.POST.get("confirm") != "yes":
+        messages.error(request, "Nothing released: name a lock and its token, and confirm.")
+    elif app.lock_manager.force_release(key, int(token)):
         logger.warning("lock %r force-released from the admin by %s", key, request.user, extra={"lock_key": key})
         messages.success(request, f"Lock {key!r} released; its holder's release() will now raise LockNotOwned.")
     else:
-        messages.warning(request, f"Lock {key!r} was not held.")
+        messages.warning(request, f"Lock {key!r} is no longer held with token {token}: nothing released.")
     return HttpResponseRedirect(reverse("nocluster-admin-locks"))
 
 

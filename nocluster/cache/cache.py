@@ -8,6 +8,7 @@ JSON serializer), so a value reads back the same on every node and nothing is pi
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,6 +66,8 @@ class Cache:
             return DEFAULT_TIMEOUT if self.ttl is None else self.ttl
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
             raise TypeError(f"cache {self.name!r}: ttl must be seconds (int or float) or None, got {ttl!r}")
+        if not math.isfinite(ttl):
+            raise ValueError(f"cache {self.name!r}: ttl must be a finite number of seconds or None, got {ttl!r}")
         return ttl
 
     def _checked(self, key: str, value: Any) -> JSON:
@@ -82,6 +85,18 @@ class Cache:
 
     def delete(self, key: str) -> None:
         self.store.delete(self.full_key(key))
+
+    def invalidate(self, key: str) -> None:
+        """Delete ``key`` once no ``wrap`` of it is computing (waiting up to 10 s for one that is).
+
+        Use it after a change commits: a ``wrap`` that read the old data before the commit and stores it after
+        a plain ``delete`` would leave the old value cached; this deletes after that store instead.
+        """
+        lock, _ = self._fill_lock(key)
+        try:
+            self.delete(key)
+        finally:
+            self._release(lock, key)
 
     def reset(self) -> int:
         """Remove every key of this cache (its namespace) and nothing else; return how many were removed.
@@ -148,35 +163,50 @@ class Cache:
         is_cacheable: Callable[[T], bool] | None,
         ttl: float | None,
     ) -> T:
-        lock = self._fill_lock(key)
+        lock, waited = self._fill_lock(key)
         try:
-            if lock is not None and use_cache:
+            if lock is not None and waited and use_cache:
                 # Fetch the value again: the holder before us may have filled the key while we waited.
                 value = self.store.get(self.full_key(key), _MISSING)
                 if value is not _MISSING:
                     return value
+                # It computed nothing storable: do not make the callers behind us wait for our fn() too.
+                self._release(lock, key)
+                lock = None
             value = fn()
             cacheable = is_cacheable(value) if is_cacheable is not None else value is not None
             if cacheable:
                 self.set(key, value, ttl)  # type: ignore[arg-type]
             return value
         finally:
-            if lock is not None:
-                try:
-                    lock.release()
-                except LockNotOwned:
-                    logger.warning("cache %r: fill lock of key %r expired before fn() returned", self.name, key)
+            self._release(lock, key)
 
-    def _fill_lock(self, key: str) -> Any:
+    def _fill_lock(self, key: str) -> tuple[Any, bool]:
+        """The fill lock of ``key`` and whether we had to wait for it; (None, True) when it did not come."""
+        locks, name = self.app.lock_manager, f"cache:{self.namespace}{key}"
         try:
-            return self.app.lock_manager.acquire(
-                f"cache:{self.namespace}{key}", ttl=FILL_LOCK_TTL, timeout=FILL_LOCK_WAIT
-            )
+            return locks.try_acquire(name, ttl=FILL_LOCK_TTL), False
+        except LockAcquireError:
+            pass
+        try:
+            return locks.acquire(name, ttl=FILL_LOCK_TTL, timeout=FILL_LOCK_WAIT), True
         except LockAcquireError:
             logger.warning(
-                "cache %r: no fill lock for key %r after %s s; computing anyway", self.name, key, FILL_LOCK_WAIT
+                "cache %r: no fill lock for key %r after %s s; going on without it",
+                self.name,
+                key,
+                FILL_LOCK_WAIT,
+                extra={"lock_key": name},
             )
-            return None
+            return None, True
+
+    def _release(self, lock: Any, key: str) -> None:
+        if lock is None:
+            return
+        try:
+            lock.release()
+        except LockNotOwned:
+            logger.warning("cache %r: fill lock of key %r expired before fn() returned", self.name, key)
 
     def __repr__(self) -> str:
         return f"<Cache {self.name!r} on {self.store_alias!r} namespace {self.namespace!r}>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from typing import TYPE_CHECKING
@@ -52,7 +53,9 @@ class CacheManager:
         for label, value in (("name", name), ("prefix", prefix if prefix is not None else name)):
             if not isinstance(value, str) or not NAME_PATTERN.match(value):
                 raise ValueError(f"cache {label} {value!r} must be letters, digits, '_' and '-'")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0
+        ):
             raise ValueError(f"cache {name!r}: ttl must be a positive number of seconds or None, got {ttl!r}")
         if store not in caches.settings:
             raise ImproperlyConfigured(f"cache {name!r}: store {store!r} is not an alias in CACHES")

@@ -7,13 +7,11 @@ django-redis's ``RedisCache``; any other store raises ``ImproperlyConfigured`` n
 
 from __future__ import annotations
 
-import re
-
 from django.core.cache.backends.base import BaseCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.exceptions import ImproperlyConfigured
 
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+from nocluster.globs import glob_escape
 
 
 def delete_prefix(store: BaseCache, alias: str, prefix: str) -> int:
@@ -26,7 +24,7 @@ def delete_prefix(store: BaseCache, alias: str, prefix: str) -> int:
         return _delete_prefix_locmem(store, prefix)
     delete_pattern = getattr(store, "delete_pattern", None)  # django-redis
     if callable(delete_pattern):
-        return int(delete_pattern(_GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"))
+        return int(delete_pattern(glob_escape(prefix) + "*"))
     raise ImproperlyConfigured(
         f"CACHES[{alias!r}] ({type(store).__module__}.{type(store).__name__}) cannot delete keys by prefix, so a "
         "nocluster cache on it cannot reset(); use LocMemCache or django_redis.cache.RedisCache"

@@ -78,8 +78,11 @@ class LockBackend(ABC):
         """Every held lock whose name is ``prefix`` (literal) followed by a match of glob ``pattern``."""
 
     @abstractmethod
-    def force_release(self, name: str) -> bool:
-        """Delete the lock whoever holds it and wake a waiter. True when a lock was held."""
+    def force_release(self, name: str, token: int | None = None) -> bool:
+        """Delete the lock whoever holds it (only if its token is ``token``, when given) and wake a waiter.
+
+        True when a lock was released; False when it was free or held under another token.
+        """
 
     def locked(self, name: str) -> bool:
         """True while someone holds ``name``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from types import TracebackType
 
 from nocluster.errors import LockNotOwned
@@ -41,7 +42,8 @@ class Lock:
         self._state = threading.Lock()
         self._renewer: LockRenewer | None = None
         if auto_renew:
-            self._renewer = LockRenewer(backend, key, lease, ttl, self._mark_lost)
+            # A weak reference: a handle dropped while held stops its renewal, and the ttl then frees the lock.
+            self._renewer = LockRenewer(backend, key, lease, ttl, weakref.WeakMethod(self._mark_lost))
             self._renewer.start()
 
     @property
@@ -56,7 +58,7 @@ class Lock:
         with self._state:
             if self._lost_reason is None:
                 self._lost_reason = reason
-        logger.error("lock %r (token %s) lost: %s", self.key, self.token, reason)
+        logger.error("lock %r (token %s) lost: %s", self.key, self.token, reason, extra={"lock_key": self.key})
 
     def _not_owned(self) -> LockNotOwned:
         reason = self._lost_reason or f"its ttl of {self.ttl} s passed or it was force-released"
@@ -86,17 +88,20 @@ class Lock:
         Raises:
           LockNotOwned: the lock was lost before this release (its ttl passed or it was force-released);
             the current holder's lock, if any, is left alone.
+          BackendUnavailable: the lock server could not be reached; the handle stays held, so the release can
+            be tried again (else the ttl frees the lock).
         """
         if self._renewer is not None:
             self._renewer.stop()
         with self._state:
             if self._released:
                 return
+            owned = self.backend.release(self._lease)
             self._released = True
-        if not self.backend.release(self._lease):
+        if not owned:
             self._lost_reason = self._lost_reason or f"its ttl of {self.ttl} s passed or it was force-released"
             raise self._not_owned()
-        logger.debug("lock %r (token %s) released", self.key, self.token)
+        logger.debug("lock %r (token %s) released", self.key, self.token, extra={"lock_key": self.key})
 
     def __enter__(self) -> Lock:
         return self
@@ -111,7 +116,7 @@ class Lock:
         except LockNotOwned as lost:
             if exc is None:
                 raise
-            logger.warning("%s (while the block raised %s)", lost, type(exc).__name__)
+            logger.warning("%s (while the block raised %s)", lost, type(exc).__name__, extra={"lock_key": self.key})
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "released" if self._released else "held"

@@ -8,6 +8,7 @@ Keys are namespaced ``"{app.name}:lock:{key}"``. The backend is chosen in ``NOCL
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from numbers import Real
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from nocluster.errors import LockAcquireError
 from nocluster.locks.backend import LockBackend, LockInfo
 from nocluster.locks.lock import Lock
+from nocluster.locks.renewal import stop_renewers
 
 if TYPE_CHECKING:
     from nocluster.app import Application
@@ -33,6 +35,8 @@ def _check_key(key: object) -> str:
 def _check_seconds(key: str, what: str, value: object, allow_zero: bool) -> float:
     if type(value) is not float and type(value) is not int and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"lock {key!r}: {what} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"lock {key!r}: {what} must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"lock {key!r}: {what} must be {bound} seconds, got {value!r}")
@@ -91,7 +95,14 @@ class LockManager:
         lease = self.backend.acquire(name, self.app.instance_id, ttl, timeout, self.sequence)
         if lease is None:
             raise LockAcquireError(f"lock {key!r} not acquired within {timeout} s: {self._holder(name)}")
-        logger.debug("lock %r acquired by %s (token %s, ttl %s s)", key, self.app.instance_id, lease.token, ttl)
+        logger.debug(
+            "lock %r acquired by %s (token %s, ttl %s s)",
+            key,
+            self.app.instance_id,
+            lease.token,
+            ttl,
+            extra={"lock_key": key},
+        )
         return Lock(self.backend, key, lease, ttl, auto_renew)
 
     def try_acquire(self, key: str, ttl: float = 0.5, timeout: float = 0, *, auto_renew: bool = False) -> Lock:
@@ -140,20 +151,32 @@ class LockManager:
         info = self.backend.inspect(self.full_key(key))
         return None if info is None else self._public(info)
 
-    def force_release(self, key: str) -> bool:
-        """Free ``key`` whoever holds it and wake a waiter; the old holder's release then raises LockNotOwned.
+    def force_release(self, key: str, token: int | None = None) -> bool:
+        """Free ``key`` and wake a waiter; the old holder's release then raises LockNotOwned.
 
-        Returns True when a lock was held. For operators: the holder may still be running its work.
+        Parameters:
+          token: release only the holder with this fencing token (what the operator saw), never one that took
+            the lock since; None releases whoever holds it.
+
+        Returns True when a lock was released. For operators: the holder may still be running its work.
         """
-        held = self.backend.force_release(self.full_key(key))
-        logger.warning("lock %r force-released by %s (was held: %s)", key, self.app.instance_id, held)
-        return held
+        released = self.backend.force_release(self.full_key(key), token)
+        logger.warning(
+            "lock %r force-released by %s (token %s): %s",
+            key,
+            self.app.instance_id,
+            "any" if token is None else token,
+            "released" if released else "nothing released",
+            extra={"lock_key": key},
+        )
+        return released
+
+    def close(self) -> None:
+        """Stop every auto-renewal thread of this process and close the backend's connections."""
+        stop_renewers()
+        self.backend.close()
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def after_fork(self) -> None:
         """In a forked child: drop the backend's connections or process-local state."""
         self.backend.after_fork()
-
-    def close(self) -> None:
-        """Close the backend's connections."""
-        self.backend.close()

@@ -55,6 +55,13 @@ class QueueBackend(ABC):
     def after_fork(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
         """In a forked child: forget threads and connections inherited from the parent."""
 
+    def depth(self, full_channel: str) -> int | None:
+        """Messages waiting on ``full_channel`` (not running), or None when the backend cannot tell."""
+        return None
+
+    def ping(self) -> None:  # noqa: B027 (in-process backends have no server to reach)
+        """Raise if this backend's server cannot be reached (for ``manage.py cluster``)."""
+
     def retry_delay(self, retried: int) -> float:
         """Seconds to wait before the try after try number ``retried`` (0 = the first try) failed."""
         return float(min(self.retry_backoff * (2**retried), self.retry_backoff_max))

@@ -85,6 +85,10 @@ class EventQueue:
         """The subscribed channels (without prefix)."""
         return sorted(self._subscriptions)
 
+    def depths(self) -> dict[str, int | None]:
+        """Messages waiting per subscribed channel (None where the backend cannot tell)."""
+        return {channel: self.backend.depth(self.full_channel(channel)) for channel in self.channels()}
+
     # --- publishing ---------------------------------------------------------------------------------------
     def publish(
         self, channel: str, payload: Any, timeout: float = 15.0, max_retries: int = 0, using: str | None = None

@@ -1,8 +1,8 @@
 """The auth plugin: the token policy, read through a named cache shared by every node.
 
 In a cluster the ``auth`` cache lives on the default store, django-redis, so one node's invalidation is seen by
-all: a change deletes the cached policy at once and again after the transaction commits (a node that refilled
-the cache from the old row in between is corrected).
+all: a change deletes the cached policy at once and again after the transaction commits, then waiting for any
+node that is refilling it (``Cache.invalidate``), so a value read from the old row never outlives the commit.
 """
 
 from __future__ import annotations
@@ -45,4 +45,4 @@ class AuthPlugin(Plugin):
 
     def _policy_changed(self, sender: type, instance: Any, using: str = "default", **kwargs: Any) -> None:
         self.cache.delete(POLICY_KEY)
-        transaction.on_commit(lambda: self.cache.delete(POLICY_KEY), using=using, robust=True)
+        transaction.on_commit(lambda: self.cache.invalidate(POLICY_KEY), using=using, robust=True)

@@ -200,3 +200,62 @@ def test_app_cache_is_the_default_store_named_default(app_name: str) -> None:
     app = Application({"NAME": app_name})
     assert app.cache is app.cache_manager.create_cache(name="default")
     assert app.cache.namespace == f"{app_name}:default:"
+
+
+def test_invalidate_waits_for_a_fill_in_flight_so_a_stale_value_does_not_survive(cache: Cache) -> None:
+    # Given a wrap that read the old data and has not stored it yet
+    read_old = threading.Event()
+    may_store = threading.Event()
+
+    def slow_old_read() -> str:
+        read_old.set()
+        may_store.wait(10)
+        return "old"
+
+    filler = threading.Thread(target=lambda: cache.wrap("policy", slow_old_read))
+    filler.start()
+    assert read_old.wait(10)
+    # When the change commits and invalidates the key while that fill is in flight
+    invalidator = threading.Thread(target=lambda: cache.invalidate("policy"))
+    invalidator.start()
+    may_store.set()
+    filler.join(10)
+    invalidator.join(10)
+    # Then the stale value is not left in the cache
+    assert cache.get("policy") is None
+
+
+def test_waiters_do_not_queue_behind_each_other_when_the_result_is_not_cacheable(cache: Cache) -> None:
+    # Given a computation whose result is never stored (None), asked for by eight threads at once
+    running = 0
+    peak = 0
+    guard = threading.Lock()
+    start = threading.Barrier(8)
+
+    def compute() -> None:
+        nonlocal running, peak
+        with guard:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.2)
+        with guard:
+            running -= 1
+
+    def ask() -> None:
+        start.wait()
+        cache.wrap("never-cached", compute)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # Then, once the first fill stored nothing, the waiters computed side by side rather than one by one
+    assert peak >= 2
+
+
+def test_a_ttl_that_is_not_finite_is_refused(cache: Cache) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        cache.set("k", 1, ttl=float("nan"))
+    with pytest.raises(ValueError, match="positive number"):
+        Application({"NAME": "nan"}).cache_manager.create_cache(name="c", ttl=float("inf"))

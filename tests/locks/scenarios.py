@@ -3,7 +3,7 @@
 Commands (JSON):
   ``{"cmd": "increment", "table", "count", "key", "locked", "pause", "start_at"}``: at wall-clock time
     ``start_at``, ``count`` times read the counter row, sleep ``pause`` seconds (widening the race window),
-    write it back plus one; under ``app.lock_manager.run_exclusive(key)`` when ``locked``. Returns
+    write it back plus one; under ``app.lock_manager.run_exclusive(key, fn)`` when ``locked``. Returns
     ``[[value read, token or None], ...]``.
   ``{"cmd": "hold", "key", "ttl"}``: acquire and keep holding; returns the token.
 Anything else goes to ``tests.node:default_handler``.
@@ -40,8 +40,11 @@ def increment(table: str, count: int, key: str, locked: bool, pause: float, star
     results: list[list[Any]] = []
     for _ in range(count):
         if locked:
-            with app.lock_manager.acquire(key, ttl=10) as lock:
-                results.append([_increment_once(table, pause), lock.token])
+            # The token of the holder: the lock names its holder's token while held.
+            step = app.lock_manager.run_exclusive(
+                key, lambda: [_increment_once(table, pause), app.lock_manager.get_lock(key).token], ttl=10
+            )
+            results.append(step)
         else:
             results.append([_increment_once(table, pause), None])
     return results

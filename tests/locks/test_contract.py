@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from nocluster import Application, LockAcquireError, LockNotOwned
+from nocluster import Application, BackendUnavailable, LockAcquireError, LockNotOwned
 from nocluster.locks import LockManager
 from tests.helpers import wait_until
 from tests.locks.conftest import delete_lock_keys
@@ -226,6 +226,9 @@ def test_fencing_tokens_increase_with_every_acquisition(locks: LockManager) -> N
         (lambda m: m.acquire("k", ttl=-1), ValueError, r"'k'.*ttl must be > 0"),
         (lambda m: m.acquire("k", ttl="1"), TypeError, r"'k'.*ttl must be a number"),  # type: ignore[arg-type]
         (lambda m: m.try_acquire("k", timeout=-1), ValueError, r"'k'.*timeout must be >= 0"),
+        (lambda m: m.acquire("k", ttl=float("nan")), ValueError, r"'k'.*ttl must be a finite number"),
+        (lambda m: m.acquire("k", ttl=float("inf")), ValueError, r"'k'.*ttl must be a finite number"),
+        (lambda m: m.acquire("k", timeout=float("nan")), ValueError, r"'k'.*timeout must be a finite number"),
         (lambda m: m.run_exclusive("k", "not callable"), TypeError, r"'k'.*fn must be callable"),  # type: ignore
         (lambda m: m.get_lock(""), ValueError, "non-empty str"),
     ],
@@ -298,3 +301,60 @@ def test_auto_renewal_marks_a_lost_lock_lost(locks: LockManager) -> None:
         lock.raise_if_lost()
     with pytest.raises(LockNotOwned):
         lock.release()
+
+
+def test_a_release_that_cannot_reach_the_backend_can_be_tried_again(locks: LockManager) -> None:
+    # Given a held lock whose first release fails on the way to the backend
+    lock = locks.acquire("flaky-release", ttl=10)
+    real_release = locks.backend.release
+    calls: list[int] = []
+
+    def unreachable_once(lease: object) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackendUnavailable("lock 'flaky-release': unreachable")
+        return real_release(lease)  # type: ignore[arg-type]
+
+    locks.backend.release = unreachable_once  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BackendUnavailable):
+            lock.release()
+        # Then the handle still counts as held, and a second release frees the lock
+        assert not lock.released and locks.get_lock("flaky-release") is not None
+        lock.release()
+        assert lock.released and locks.get_lock("flaky-release") is None
+    finally:
+        del locks.backend.release
+
+
+def test_a_dropped_auto_renewed_handle_stops_renewing_and_the_ttl_frees_the_lock(locks: LockManager) -> None:
+    import gc
+
+    locks.acquire("dropped", ttl=0.3, auto_renew=True)  # the handle is not kept
+    gc.collect()
+    wait_until(lambda: locks.get_lock("dropped") is None, timeout=5, message="the ttl to free a dropped lock")
+
+
+def test_renewal_that_keeps_failing_marks_the_lock_lost(locks: LockManager) -> None:
+    # Given an auto-renewed lock whose backend starts failing with an unexpected error
+    lock = locks.acquire("renew-errors", ttl=0.3, auto_renew=True)
+
+    def broken_extend(lease: object, ttl: float) -> bool:
+        raise RuntimeError("READONLY You can't write against a read only replica")
+
+    locks.backend.extend = broken_extend  # type: ignore[method-assign]
+    try:
+        # Then the renewal does not die silently: the holder learns it lost the lock
+        wait_until(lambda: lock.lost, timeout=5, message="the lock to be marked lost")
+        with pytest.raises(LockNotOwned, match="renewal failed"):
+            lock.raise_if_lost()
+    finally:
+        del locks.backend.extend
+
+
+def test_force_release_with_a_token_frees_only_that_holder(locks: LockManager) -> None:
+    old = locks.acquire("by-token", ttl=10)
+    assert locks.force_release("by-token", token=old.token + 1) is False
+    assert locks.get_lock("by-token").token == old.token
+    assert locks.force_release("by-token", token=old.token) is True
+    assert locks.get_lock("by-token") is None

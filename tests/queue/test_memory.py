@@ -103,7 +103,7 @@ def test_a_node_that_is_not_idle_leaves_messages_queued_without_spending_a_retry
 
     time.sleep(0.5)
     assert not events(memory_app, "gated")
-    assert memory_app.event_queue.backend.queued(memory_app.event_queue.full_channel("gated")) == 3
+    assert memory_app.event_queue.backend.depth(memory_app.event_queue.full_channel("gated")) == 3
 
     scenarios.set_idle(memory_app.name, True)
     assert memory_app.event_queue.backend.drain(10)
@@ -130,7 +130,7 @@ def test_a_rolled_back_transaction_publishes_nothing(memory_app: Application, tr
         raise RuntimeError("roll back")
     with transaction.atomic():
         memory_app.event_queue.publish("echo", "committed")
-        assert memory_app.event_queue.backend.queued(memory_app.event_queue.full_channel("echo")) == 0
+        assert memory_app.event_queue.backend.depth(memory_app.event_queue.full_channel("echo")) == 0
 
     assert memory_app.event_queue.backend.drain(10)
     assert [event["payload"] for event in events(memory_app, "echo")] == ["committed"]

@@ -99,12 +99,14 @@ class LocalLockBackend(LockBackend):
                     found.append(self._info(name, hold, now))
             return found
 
-    def force_release(self, name: str) -> bool:
+    def force_release(self, name: str, token: int | None = None) -> bool:
         with self._cond:
-            held = self._live(name, time.monotonic()) is not None
-            self._holds.pop(name, None)
+            hold = self._live(name, time.monotonic())
+            if hold is None or (token is not None and hold.token != token):
+                return False
+            del self._holds[name]
             self._cond.notify_all()
-            return held
+            return True
 
     def after_fork(self) -> None:
         # A forked child holds none of its parent's locks, and the parent's threads do not exist in it.

@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from nocluster.errors import BackendUnavailable
+from nocluster.globs import glob_escape
 from nocluster.locks.backend import Lease, LockBackend, LockInfo
 
 # KEYS[1] lock, KEYS[2] token sequence; ARGV[1] owner id prefix, ARGV[2] ttl in ms.
@@ -59,6 +60,23 @@ EXTEND_MS_SCRIPT = b"""
     return 1
 """
 
+# python-redis-lock's RESET_SCRIPT (delete, wake one waiter) when the holder's token is ARGV[1] (or ARGV[1] is
+# empty): an operator's release of the holder they saw never frees the holder that came after it.
+FORCE_RELEASE_SCRIPT = b"""
+local value = redis.call("get", KEYS[1])
+if not value then
+    return 0
+end
+if ARGV[1] ~= "" and string.match(value, ":(%d+)$") ~= ARGV[1] then
+    return 0
+end
+redis.call("del", KEYS[2])
+redis.call("lpush", KEYS[2], 1)
+redis.call("pexpire", KEYS[2], ARGV[2])
+redis.call("del", KEYS[1])
+return 1
+"""
+
 # Shortest BLPOP timeout we send, in seconds (0 would mean "forever" to Redis).
 MIN_BLOCK = 0.001
 
@@ -77,6 +95,7 @@ class MillisecondLock(redis_lock.Lock):
 
     acquire_script: Any = None
     extend_ms_script: Any = None
+    force_release_script: Any = None
 
     def __init__(
         self,
@@ -97,10 +116,15 @@ class MillisecondLock(redis_lock.Lock):
         self._expire = expire
         self._expire_ms = to_ms(expire)
         self.token: int | None = None
-        cls = type(self)
+
+    @classmethod
+    def register_ms_scripts(cls, redis_client: redis.Redis) -> None:
+        """Register our scripts once per process, both before either is used (a Script works on any client)."""
         if cls.acquire_script is None:
+            extend = redis_client.register_script(EXTEND_MS_SCRIPT)
+            force_release = redis_client.register_script(FORCE_RELEASE_SCRIPT)
+            cls.extend_ms_script, cls.force_release_script = extend, force_release
             cls.acquire_script = redis_client.register_script(ACQUIRE_SCRIPT)
-            cls.extend_ms_script = redis_client.register_script(EXTEND_MS_SCRIPT)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None, max_block: float = 10.0) -> bool:
         """Take the lock; wait up to ``timeout`` seconds (None: forever) when ``blocking``. True when held.
@@ -133,16 +157,6 @@ class MillisecondLock(redis_lock.Lock):
         ms = self._expire_ms if expire is None else to_ms(expire)
         if not self.extend_ms_script(keys=(self._name,), args=(self._id, ms), client=self._client):
             raise redis_lock.NotAcquired(f"Lock {self._name} is not acquired or it already expired.")
-
-    def force_reset(self) -> bool:
-        """python-redis-lock's ``reset()`` (delete whoever holds it, wake a waiter); True if a lock was held."""
-        return bool(
-            self.reset_script(client=self._client, keys=(self._name, self._signal), args=(self.id, self._signal_expire))
-        )
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _parse(name: str, value: bytes | str | None, pttl: int) -> LockInfo | None:
@@ -183,6 +197,7 @@ class RedisLockBackend(LockBackend):
         )
         self._max_block = socket_timeout / 2 if socket_timeout else 10.0
         redis_lock.Lock.register_scripts(self._client)
+        MillisecondLock.register_ms_scripts(self._client)
         self._signal_expire = to_ms(signal_expire)
 
     @contextmanager
@@ -191,6 +206,8 @@ class RedisLockBackend(LockBackend):
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BackendUnavailable(f"lock {name!r}: Redis at {self.url} is unavailable: {exc}") from exc
+        except redis.RedisError as exc:  # READONLY after a failover, OOM...: the lock state is unknown
+            raise BackendUnavailable(f"lock {name!r}: Redis at {self.url} refused the command: {exc}") from exc
 
     def _lock(self, name: str, ttl: float, owner: str, sequence: str = "") -> MillisecondLock:
         return MillisecondLock(self._client, name, ttl, owner, self._signal_expire, sequence)
@@ -217,11 +234,11 @@ class RedisLockBackend(LockBackend):
 
     def extend(self, lease: Lease, ttl: float) -> bool:
         with self._errors(lease.name):
-            try:
-                self._lock(lease.name, ttl, lease.owner).extend()
-            except redis_lock.NotAcquired:
-                return False
-        return True
+            return bool(
+                MillisecondLock.extend_ms_script(
+                    keys=(lease.name,), args=(lease.owner, to_ms(ttl)), client=self._client
+                )
+            )
 
     def inspect(self, name: str) -> LockInfo | None:
         with self._errors(name):
@@ -231,7 +248,7 @@ class RedisLockBackend(LockBackend):
 
     def scan(self, prefix: str, pattern: str = "*") -> list[LockInfo]:
         with self._errors(prefix + pattern):
-            match = _glob_escape(prefix) + pattern
+            match = glob_escape(prefix) + pattern
             names = sorted({n.decode() for n in self._client.scan_iter(match=match, count=1000)})
             pipe = self._client.pipeline(transaction=False)
             for name in names:
@@ -240,9 +257,14 @@ class RedisLockBackend(LockBackend):
         found = (_parse(name, results[2 * i], results[2 * i + 1]) for i, name in enumerate(names))
         return [info for info in found if info is not None]
 
-    def force_release(self, name: str) -> bool:
+    def force_release(self, name: str, token: int | None = None) -> bool:
         with self._errors(name):
-            return self._lock(name, 1.0, "force-release").force_reset()
+            released = MillisecondLock.force_release_script(
+                keys=(name, f"lock-signal:{name}"),
+                args=("" if token is None else str(token), self._signal_expire),
+                client=self._client,
+            )
+        return released == 1
 
     def after_fork(self) -> None:
         # Connections must not be shared with the parent (redis-py also checks the pid; this makes it explicit).

@@ -40,6 +40,9 @@ class Command(BaseCommand):
         release.add_argument(
             "--force", action="store_true", help="really free it: the holder may still be running its work"
         )
+        release.add_argument(
+            "--token", type=int, help="release only the holder with this fencing token (as 'show' printed it)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -48,7 +51,7 @@ class Command(BaseCommand):
             elif options["action"] == "show":
                 self.show(options["key"], options["json"])
             else:
-                self.release(options["key"], options["force"])
+                self.release(options["key"], options["force"], options["token"])
         except (ValueError, TypeError, NoclusterError) as exc:
             raise CommandError(str(exc)) from exc
 
@@ -81,9 +84,10 @@ class Command(BaseCommand):
         ):
             self.stdout.write(f"{label + ':':<15}{value}")
 
-    def release(self, key: str, force: bool) -> None:
+    def release(self, key: str, force: bool, token: int | None) -> None:
         if not force:
             raise CommandError(f"refusing to release lock {key!r} without --force (its holder may still be working)")
-        if not app.lock_manager.force_release(key):
-            raise CommandError(f"lock {key!r} of {app.name!r} is not held")
+        if not app.lock_manager.force_release(key, token):
+            held = "" if token is None else f" with token {token}"
+            raise CommandError(f"lock {key!r} of {app.name!r} is not held{held}")
         self.stdout.write(f"released lock {key!r} of {app.name!r}")

@@ -113,6 +113,18 @@ class CeleryQueueBackend(QueueBackend):
             kwargsrepr="{}",
         )
 
+    def depth(self, full_channel: str) -> int:
+        """Messages waiting in the channel's broker queue (0 when no worker declared it yet)."""
+        with self.celery_app.connection_for_read() as connection:
+            try:
+                return int(connection.default_channel.queue_declare(queue=full_channel, passive=True).message_count)
+            except connection.channel_errors:
+                return 0
+
+    def ping(self) -> None:
+        with self.celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+
     def queues(self) -> list[Queue]:
         """The Celery queues of the subscribed channels (what a worker consumes)."""
         return [celery_queue(self.manager.full_channel(channel)) for channel in self.manager.channels()]

@@ -126,7 +126,7 @@ class MemoryQueueBackend(QueueBackend):
                 self._cond.wait(min(remaining, 0.1))
             return True
 
-    def queued(self, full_channel: str) -> int:
+    def depth(self, full_channel: str) -> int:
         """Messages waiting on ``full_channel`` (not running)."""
         with self._cond:
             return len(self._channels[full_channel].ready)

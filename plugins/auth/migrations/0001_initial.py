@@ -4,25 +4,31 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='TokenPolicy',
+            name="TokenPolicy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(default='default', max_length=50, unique=True)),
-                ('token_expiration', models.PositiveIntegerField(default=86400, help_text='seconds a token is valid')),
-                ('session_expiration', models.PositiveIntegerField(default=604800, help_text='seconds a session lasts')),
-                ('expired_token_renew_limit', models.PositiveIntegerField(default=900, help_text='seconds after expiry during which a token may still be renewed')),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(default="default", max_length=50, unique=True)),
+                ("token_expiration", models.PositiveIntegerField(default=86400, help_text="seconds a token is valid")),
+                (
+                    "session_expiration",
+                    models.PositiveIntegerField(default=604800, help_text="seconds a session lasts"),
+                ),
+                (
+                    "expired_token_renew_limit",
+                    models.PositiveIntegerField(
+                        default=900, help_text="seconds after expiry during which a token may still be renewed"
+                    ),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'verbose_name_plural': 'token policies',
+                "verbose_name_plural": "token policies",
             },
         ),
     ]
