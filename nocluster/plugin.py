@@ -34,6 +34,7 @@ class Plugin:
     Hooks, run once per process unless said otherwise:
       before_load(): subscribe to channels. The plugin's sync-message subscription is made just before it,
         automatically, when the class defines ``handle_sync_message``.
+      resync(reason): reload state from the database after missed sync messages (see :meth:`resync`).
       load(): register queue consumers, create caches, connect signals.
       install(): once per cluster, after ``migrate``, for first-time data.
       after_start() / before_stop(): when this node's consumers start and stop.
@@ -73,6 +74,20 @@ class Plugin:
         once outside a transaction; never after a rollback). Each other node calls ``handle_sync_message``.
         """
         self.app.sync_message_manager.publish(self.name, message, using=using)
+
+    def resync(self, reason: str) -> None:
+        """Reload this plugin's in-memory state from the database: this node may have missed sync messages.
+
+        Called (in the node's sync thread) when a gap shows in the plugin's sync sequence numbers or after this
+        node's pub/sub connection was re-established. The default calls ``handle_sync_message`` with the resync
+        marker ``{"type": "nocluster.resync", "reason": reason}`` (see ``nocluster.sync.sequence.is_resync``);
+        override it to reload everything in one go.
+        """
+        handler = getattr(self, "handle_sync_message", None)
+        if callable(handler):
+            from nocluster.sync.sequence import resync_marker
+
+            handler(resync_marker(reason))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

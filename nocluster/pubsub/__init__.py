@@ -1,0 +1,5 @@
+"""Cross-instance broadcast: ``app.pub_sub_manager`` (see :class:`PubSubManager`)."""
+
+from nocluster.pubsub.manager import PubSubManager
+
+__all__ = ["PubSubManager"]

@@ -1,0 +1,1 @@
+"""Pub/sub backends, chosen by dotted path in ``NOCLUSTER["PUBSUB"]["BACKEND"]``."""

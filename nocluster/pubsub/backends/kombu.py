@@ -1,0 +1,223 @@
+"""Pub/sub over kombu fanout exchanges, on RabbitMQ (``amqp://``) or Redis (``redis://``).
+
+One fanout exchange per full channel (``"{app.name}.{channel}"``). Each instance consumes on one thread
+(``kombu.mixins.ConsumerMixin``: reconnect loop with backoff, drain with heartbeats) from its own queue:
+
+- RabbitMQ: one queue per instance, ``{app.name}.pubsub.{instance_id}``, bound to every exchange it subscribes
+  to. Not auto-deleted: it outlives a dropped connection for ``queue_expires`` seconds, so a reconnecting node
+  gets the backlog; ``max_length`` bounds what a stalled node can pile up (the oldest messages go first).
+  Messages are acknowledged after dispatch, so what was in flight when a connection died comes again (the
+  manager drops redelivered ids). Publisher confirms: ``publish`` returns once RabbitMQ has the message.
+- Redis: kombu's Redis transport maps a queue to a single fanout exchange (``Channel._fanout_queues``), so the
+  instance has one virtual queue per channel; all of them share one PSUBSCRIBE connection. Pub/sub on Redis is
+  at most once: what is published while a node is disconnected is lost for it, and Redis disconnects a
+  subscriber whose output buffer passes ``client-output-buffer-limit pubsub`` (32 MiB by default).
+
+Either way the manager is told of every reconnect (``connection_revived``), which the sync messages turn into
+a resync. JSON only: published as ``application/json`` text, consumed with ``accept=["json"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from kombu import Connection, Exchange, Producer, Queue, binding
+
+from nocluster.errors import PublishError
+from nocluster.pubsub.backend import PubSubBackend
+from nocluster.pubsub.backends.kombu_consumer import KombuConsumerThread
+
+logger = logging.getLogger("nocluster.pubsub.kombu")
+
+
+class KombuPubSubBackend(PubSubBackend):
+    """Parameters (keyword-only ``OPTIONS``):
+    url: broker URL, ``amqp://...`` or ``redis://...``.
+    heartbeat: AMQP heartbeat, seconds (a dead connection is noticed within about twice this).
+    reconnect_interval_max: longest wait between reconnect attempts, seconds (backoff from 0.2 s).
+    connect_timeout: how long ``connect()`` waits for the first binding, seconds (it keeps retrying after).
+    queue_expires: RabbitMQ/Redis queue expiry after its consumer is gone, seconds.
+    max_length: RabbitMQ: most messages kept for a slow node (older ones are dropped, then resynced).
+    publish_retries: reconnect attempts of one publish before ``PublishError``.
+    transport_options: extra kombu transport options.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        heartbeat: float = 10.0,
+        reconnect_interval_max: float = 2.0,
+        connect_timeout: float = 10.0,
+        queue_expires: float = 60.0,
+        max_length: int = 100_000,
+        publish_retries: int = 3,
+        transport_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.heartbeat = heartbeat
+        self.reconnect_interval_max = reconnect_interval_max
+        self.connect_timeout = connect_timeout
+        self.queue_expires = queue_expires
+        self.max_length = max_length
+        self.publish_retries = publish_retries
+        self.transport_options = dict(transport_options or {})
+        self.is_redis = Connection(url).transport.driver_type == "redis"
+        self.channels: set[str] = set()
+        self._channels_lock = threading.Lock()
+        self._exchanges: dict[str, Exchange] = {}
+        self._publish_lock = threading.Lock()
+        self._producer_connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._worker: KombuConsumerThread | None = None
+        self.instance_id = ""
+
+    # --- connections ---------------------------------------------------------------------------------
+    def new_connection(self, *, consumer: bool) -> Connection:
+        options = dict(self.transport_options)
+        if not self.is_redis and not consumer:
+            options.setdefault("confirm_publish", True)  # publish returns once RabbitMQ has the message
+        heartbeat = self.heartbeat if consumer and not self.is_redis else 0  # only the consumer checks beats
+        return Connection(self.url, heartbeat=heartbeat, transport_options=options)
+
+    def ping(self) -> None:
+        with self.new_connection(consumer=False) as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+
+    def exchange(self, full_channel: str) -> Exchange:
+        exchange = self._exchanges.get(full_channel)
+        if exchange is None:
+            exchange = Exchange(full_channel, type="fanout", durable=False, auto_delete=False, delivery_mode=1)
+            self._exchanges[full_channel] = exchange
+        return exchange
+
+    def queue_name(self, full_channel: str | None = None) -> str:
+        base = f"{self.namespace}.pubsub.{self.instance_id}"
+        return base if full_channel is None else f"{base}.{full_channel}"
+
+    def queue_for(self, full_channel: str) -> Queue:
+        """Redis: the instance's virtual queue for one channel."""
+        return Queue(
+            self.queue_name(full_channel),
+            exchange=self.exchange(full_channel),
+            routing_key="",
+            durable=False,
+            auto_delete=True,
+            expires=self.queue_expires,
+        )
+
+    def instance_queue(self, channels: set[str]) -> Queue:
+        """RabbitMQ: the instance's one queue, bound to ``channels``' exchanges."""
+        return Queue(
+            self.queue_name(),
+            bindings=[binding(self.exchange(full), routing_key="") for full in sorted(channels)],
+            durable=False,
+            auto_delete=False,
+            expires=self.queue_expires,
+            max_length=self.max_length,
+        )
+
+    # --- PubSubBackend ---------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._worker is not None and self._worker.bound.is_set()
+
+    def connect(self, instance_id: str) -> None:
+        if self._worker is not None:
+            return
+        self.instance_id = instance_id
+        self._worker = KombuConsumerThread(self)
+        self._worker.start()
+        if not self._worker.bound.wait(self.connect_timeout):
+            logger.warning(
+                "pub/sub of instance %s: broker %s not reachable within %s s; still trying",
+                instance_id,
+                self.new_connection(consumer=True).as_uri(),
+                self.connect_timeout,
+            )
+
+    def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        with self._publish_lock:
+            self._reset_producer()
+
+    def subscribe(self, full_channel: str) -> None:
+        with self._channels_lock:
+            if full_channel in self.channels:
+                return
+            self.channels.add(full_channel)
+        self._rebind()
+
+    def unsubscribe(self, full_channel: str) -> None:
+        with self._channels_lock:
+            if full_channel not in self.channels:
+                return
+            self.channels.discard(full_channel)
+        self._rebind()
+
+    def wanted_channels(self) -> set[str]:
+        with self._channels_lock:
+            return set(self.channels)
+
+    def _rebind(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.request_rebind(wait=threading.current_thread() is not worker)
+
+    def publish(self, full_channel: str, data: str) -> None:
+        exchange = self.exchange(full_channel)
+        with self._publish_lock:
+            for attempt in (1, 2):
+                try:
+                    self._get_producer().publish(
+                        data,
+                        exchange=exchange,
+                        routing_key="",
+                        declare=[exchange],
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        delivery_mode=1,
+                        retry=True,
+                        retry_policy={
+                            "max_retries": self.publish_retries,
+                            "interval_start": 0.2,
+                            "interval_step": 0.5,
+                            "interval_max": self.reconnect_interval_max,
+                        },
+                    )
+                    return
+                except Exception as exc:
+                    # A fresh connection forgets cached declarations (an exchange lost in a broker restart).
+                    self._reset_producer()
+                    if attempt == 2:
+                        raise PublishError(
+                            f"channel {full_channel!r}: broker {self.url.rsplit('@', 1)[-1]} refused or is "
+                            f"unreachable: {type(exc).__name__}: {exc}"
+                        ) from exc
+
+    def after_fork(self) -> None:
+        # The parent's sockets and thread are not ours: forget them without closing anything.
+        self._worker = None
+        self._producer_connection = None
+        self._producer = None
+        self._publish_lock = threading.Lock()
+        self._channels_lock = threading.Lock()
+
+    # --- producer ----------------------------------------------------------------------------------------
+    def _get_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer_connection = self.new_connection(consumer=False)
+            self._producer = Producer(self._producer_connection)
+        return self._producer
+
+    def _reset_producer(self) -> None:
+        connection, self._producer_connection, self._producer = self._producer_connection, None, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:
+                logger.debug("closing the publish connection failed", exc_info=True)

@@ -1,0 +1,254 @@
+"""``app.pub_sub_manager``: cross-instance broadcast with ``skip_self``, ``only_self`` and debounce.
+
+Policy lives here, the wire in the backend (:mod:`nocluster.pubsub.backend`): the manager prefixes channels with
+``app.name``, wraps messages in an :class:`~nocluster.envelope.Envelope`, refuses non-JSON payloads, keeps the
+subscription table, filters the publisher's own messages, debounces, and isolates callbacks that raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, validate_channel
+from nocluster.errors import PublishError
+from nocluster.pubsub.debounce import Debouncer
+
+if TYPE_CHECKING:
+    from nocluster.app import Application
+    from nocluster.pubsub.backend import PubSubBackend
+
+logger = logging.getLogger("nocluster.pubsub")
+
+Callback = Callable[[Any], Any]
+
+# How many message ids each instance remembers to drop redeliveries.
+RECENT_IDS = 10_000
+
+
+class RecentIds:
+    """The last ``size`` message ids seen (called from the one consumer thread)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: dict[str, None] = {}
+
+    def seen(self, message_id: str) -> bool:
+        """True if ``message_id`` was seen already; else remember it."""
+        if message_id in self._ids:
+            return True
+        self._ids[message_id] = None
+        if len(self._ids) > self.size:
+            del self._ids[next(iter(self._ids))]
+        return False
+
+
+@dataclass
+class Subscription:
+    callback: Callback
+    debounce: float = 0.0
+
+
+class PubSubManager:
+    """Publish to and subscribe on channels shared by every instance of ``app.name``.
+
+    Parameters:
+      app: the application (its ``name`` prefixes channels, its ``instance_id`` marks envelopes).
+      backend: a :class:`~nocluster.pubsub.backend.PubSubBackend` built from ``NOCLUSTER["PUBSUB"]``.
+    """
+
+    def __init__(self, app: Application, backend: PubSubBackend) -> None:
+        self.app = app
+        self.backend = backend
+        self._lock = threading.RLock()
+        self._subscriptions: dict[str, dict[Callback, Subscription]] = {}
+        self._reconnect_listeners: list[Callable[[], None]] = []
+        self.debouncer = Debouncer(f"nocluster-pubsub-debounce-{app.instance_id[:8]}")
+        self._recent = RecentIds(RECENT_IDS)
+        self.started = False
+        backend.attach(self, app.name)
+
+    # --- names ---------------------------------------------------------------------------------------
+    def full_channel(self, channel: str) -> str:
+        """The wire name of ``channel``: ``"{app.name}.{channel}"``."""
+        return f"{self.app.name}.{validate_channel(channel)}"
+
+    def _short(self, full_channel: str) -> str | None:
+        prefix = f"{self.app.name}."
+        return full_channel[len(prefix) :] if full_channel.startswith(prefix) else None
+
+    # --- public API ----------------------------------------------------------------------------------
+    def subscribe(self, channel: str, callback: Callback, debounce: float = 0) -> None:
+        """Call ``callback(message)`` for every message published on ``channel`` by any instance.
+
+        Subscribing the same callback twice keeps one subscription (the later ``debounce`` wins). Allowed before
+        :meth:`start`: the subscription is bound when the node's consumer starts.
+
+        Parameters:
+          channel: channel name, without the app prefix.
+          callback: runs in the node's consumer thread (in the debounce thread when ``debounce > 0``).
+          debounce: seconds; messages of equal content within this window make one call (trailing edge).
+        """
+        full = self.full_channel(channel)
+        if not callable(callback):
+            raise TypeError(f"channel {channel!r}: callback {callback!r} is not callable")
+        if debounce < 0:
+            raise ValueError(f"channel {channel!r}: debounce must be >= 0 seconds, got {debounce!r}")
+        with self._lock:
+            callbacks = self._subscriptions.setdefault(channel, {})
+            first = not callbacks
+            callbacks[callback] = Subscription(callback, float(debounce))
+        if first:
+            self.backend.subscribe(full)
+
+    def unsubscribe(self, channel: str, callback: Callback) -> None:
+        """Stop calling ``callback`` for ``channel`` (no error if it was not subscribed)."""
+        full = self.full_channel(channel)
+        with self._lock:
+            callbacks = self._subscriptions.get(channel, {})
+            callbacks.pop(callback, None)
+            last = not callbacks and channel in self._subscriptions
+            if last:
+                del self._subscriptions[channel]
+        if last:
+            self.backend.unsubscribe(full)
+
+    def subscriptions(self, channel: str) -> list[Subscription]:
+        with self._lock:
+            return list(self._subscriptions.get(channel, {}).values())
+
+    def publish(self, channel: str, message: JSON, skip_self: bool = True, only_self: bool = False) -> str:
+        """Send ``message`` to every instance subscribed to ``channel``; returns the message id.
+
+        Parameters:
+          skip_self: the publishing instance does not receive it.
+          only_self: only the publishing instance receives it, without the broker; its callbacks run in the
+            calling thread before this returns (debounced ones later, in the debounce thread).
+
+        Returns after the broker accepted the message.
+
+        Raises:
+          TypeError: ``message`` is not JSON (the message names the channel).
+          InvalidChannel: the channel name is empty or malformed.
+          PublishError: the broker could not be reached.
+        """
+        full = self.full_channel(channel)
+        ensure_json(channel, message)
+        envelope = Envelope(
+            publisher_id=self.app.instance_id, message=message, skip_self=skip_self, only_self=only_self
+        )
+        if only_self:
+            self._dispatch(channel, envelope)
+            return envelope.id
+        try:
+            # Envelope.to_json() deep-copies through dataclasses.asdict; one flat dict gives the same JSON, faster.
+            self.backend.publish(full, dumps(vars(envelope)))
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(f"channel {channel!r}: publish failed: {type(exc).__name__}: {exc}") from exc
+        return envelope.id
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` each time the backend reconnects (not on the first connect): messages may have
+        been missed while it was away."""
+        with self._lock:
+            if listener not in self._reconnect_listeners:
+                self._reconnect_listeners.append(listener)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start this node's consumer (idempotent); every subscription made so far is bound."""
+        with self._lock:
+            if self.started:
+                return
+            self.started = True
+        self.backend.connect(self.app.instance_id)
+
+    def stop(self) -> None:
+        """Stop the consumer, drop pending debounced calls and join the threads."""
+        with self._lock:
+            if not self.started:
+                return
+            self.started = False
+        try:
+            self.backend.close()
+        finally:
+            self.debouncer.stop()
+
+    def after_fork(self) -> None:
+        """In a forked child: the consumer thread is gone; :meth:`start` builds a new one with the new id."""
+        self.started = False
+        self.backend.after_fork()
+        self.debouncer.after_fork()
+        self.debouncer.name = f"nocluster-pubsub-debounce-{self.app.instance_id[:8]}"
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Local backends: wait until published messages and debounced calls are done (seconds)."""
+        return self.backend.drain(timeout)
+
+    # --- called by the backend -----------------------------------------------------------------------
+    def deliver(self, full_channel: str, data: JSON) -> None:
+        channel = self._short(full_channel)
+        if channel is None:
+            return
+        try:
+            if not isinstance(data, dict):
+                raise ValueError("envelope is not a JSON object")
+            envelope = Envelope(**data)
+        except (TypeError, ValueError) as exc:
+            logger.error(
+                "channel %r: dropped a malformed envelope on instance %s: %s", channel, self.app.instance_id, exc
+            )
+            return
+        if envelope.skip_self and envelope.publisher_id == self.app.instance_id:
+            return
+        if self._recent.seen(envelope.id):
+            # RabbitMQ delivers again what was unacknowledged when a connection dropped.
+            logger.debug("channel %r: duplicate %s dropped on %s", channel, envelope.id, self.app.instance_id)
+            return
+        self._dispatch(channel, envelope)
+
+    def connection_revived(self, reconnected: bool) -> None:
+        if not reconnected:
+            return
+        logger.warning("pub/sub of instance %s reconnected: subscriptions re-bound", self.app.instance_id)
+        with self._lock:
+            listeners = list(self._reconnect_listeners)
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("reconnect listener %r failed on instance %s", listener, self.app.instance_id)
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _dispatch(self, channel: str, envelope: Envelope) -> None:
+        for subscription in self.subscriptions(channel):
+            if subscription.debounce > 0:
+                key = (channel, subscription.callback, canonical(envelope.message))
+                self.debouncer.push(key, subscription.debounce, self._caller(channel, subscription, envelope))
+            else:
+                self._call(channel, subscription.callback, envelope)
+
+    def _caller(self, channel: str, subscription: Subscription, envelope: Envelope) -> Callable[[], None]:
+        def call() -> None:
+            # The subscription may have gone while the call was pending.
+            if subscription.callback in {s.callback for s in self.subscriptions(channel)}:
+                self._call(channel, subscription.callback, envelope)
+
+        return call
+
+    def _call(self, channel: str, callback: Callback, envelope: Envelope) -> None:
+        try:
+            callback(envelope.message)
+        except Exception:
+            logger.exception(
+                "pub/sub callback %r raised on channel %r, message %s, instance %s",
+                callback,
+                channel,
+                envelope.id,
+                self.app.instance_id,
+            )

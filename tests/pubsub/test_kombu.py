@@ -1,0 +1,167 @@
+"""Behaviour only the kombu backend has: reconnecting after the broker connection drops, publish errors, and the
+JSON-only wire. Runs on Redis and RabbitMQ; the connection is cut by a TCP proxy, never by touching the server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Producer
+
+from nocluster import Application, PublishError
+from tests.helpers import wait_until
+from tests.pubsub.test_contract import Inbox
+from tests.tcpproxy import TcpProxy
+
+KOMBU = "nocluster.pubsub.backends.kombu.KombuPubSubBackend"
+
+
+@pytest.fixture
+def proxy(broker_url: str) -> Iterator[TcpProxy]:
+    with TcpProxy.for_url(broker_url, 6379 if broker_url.startswith("redis") else 5672) as tcp_proxy:
+        yield tcp_proxy
+
+
+@pytest.fixture
+def kombu_app(app_name: str) -> Iterator[Callable[..., Application]]:
+    built: list[Application] = []
+
+    def make(url: str, **options: object) -> Application:
+        node = Application({"NAME": app_name, "PUBSUB": {"BACKEND": KOMBU, "OPTIONS": {"url": url, **options}}})
+        built.append(node)
+        return node
+
+    yield make
+    for node in built:
+        node.pub_sub_manager.stop()
+
+
+def test_a_node_whose_connection_drops_reconnects_rebinds_and_resyncs(
+    broker_url: str, proxy: TcpProxy, kombu_app: Callable[..., Application]
+) -> None:
+    # Given a publisher on the broker and a subscriber behind the proxy, with a news and a sync subscription
+    publisher, subscriber = kombu_app(broker_url), kombu_app(proxy.url(broker_url))
+    news = Inbox()
+    resyncs: list[str] = []
+    reconnects: list[int] = []
+    subscriber.pub_sub_manager.subscribe("news", news)
+    subscriber.sync_message_manager.subscribe("schema", print, resync=resyncs.append)
+    subscriber.pub_sub_manager.on_reconnect(lambda: reconnects.append(1))
+    for node in (publisher, subscriber):
+        node.pub_sub_manager.start()
+    publisher.pub_sub_manager.publish("news", "before")
+    wait_until(lambda: news.items == ["before"], timeout=15)
+
+    # When its broker connections are cut, and restored a moment later
+    proxy.cut()
+    publisher.pub_sub_manager.publish("news", "while cut")
+    proxy.restore()
+
+    # Then it reconnects by itself, re-binds, resyncs its sync subscribers, and gets what is published next
+    wait_until(lambda: reconnects, timeout=20, message="the subscriber to reconnect")
+    wait_until(lambda: resyncs == ["reconnect"], timeout=10, message="the resync")
+    publisher.pub_sub_manager.publish("news", "after")
+    wait_until(lambda: news.items[-1:] == ["after"], timeout=15)
+    if broker_url.startswith("amqp"):
+        # RabbitMQ kept the node's queue through the cut: nothing was lost
+        assert news.items == ["before", "while cut", "after"]
+    else:
+        # Redis pub/sub is at most once: what went by during the cut is gone (hence the resync)
+        assert news.items in (["before", "after"], ["before", "while cut", "after"])
+
+
+def test_publishing_to_an_unreachable_broker_raises_publish_error_naming_the_channel(
+    broker_url: str, kombu_app: Callable[..., Application]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    scheme = "redis://127.0.0.1:{}/0" if broker_url.startswith("redis") else "amqp://guest:guest@127.0.0.1:{}//"
+    node = kombu_app(scheme.format(closed_port), publish_retries=0)
+
+    with pytest.raises(PublishError, match=r"'.*\.orders'"):
+        node.pub_sub_manager.publish("orders", {"id": 1})
+
+
+def test_a_non_json_message_on_the_wire_is_dropped_and_consuming_goes_on(
+    broker_url: str, kombu_app: Callable[..., Application], caplog: pytest.LogCaptureFixture
+) -> None:
+    node = kombu_app(broker_url)
+    inbox = Inbox()
+    node.pub_sub_manager.subscribe("wire", inbox)
+    node.pub_sub_manager.start()
+    full = node.pub_sub_manager.full_channel("wire")
+
+    # When someone publishes a pickled body on the channel's exchange, then a proper message follows
+    with caplog.at_level(logging.ERROR, logger="nocluster.pubsub"), Connection(broker_url) as conn:
+        exchange = Exchange(full, type="fanout", durable=False)
+        Producer(conn).publish({"x": 1}, exchange=exchange, routing_key="", serializer="pickle", declare=[exchange])
+        other = kombu_app(broker_url)
+        other.pub_sub_manager.publish("wire", "json")
+        wait_until(lambda: inbox.items == ["json"], timeout=15)
+
+    # Then the pickle was refused (never unpickled) and logged
+    assert any("undecodable" in record.getMessage() for record in caplog.records)
+
+
+def test_a_publisher_whose_connection_dropped_publishes_again_after_it_is_back(
+    broker_url: str, proxy: TcpProxy, kombu_app: Callable[..., Application]
+) -> None:
+    publisher, subscriber = kombu_app(proxy.url(broker_url)), kombu_app(broker_url)
+    inbox = Inbox()
+    subscriber.pub_sub_manager.subscribe("orders", inbox)
+    subscriber.pub_sub_manager.start()
+    publisher.pub_sub_manager.publish("orders", 1)
+
+    # When the publisher's connection is cut and the broker is reachable again
+    proxy.cut()
+    proxy.restore()
+
+    # Then the next publish reconnects by itself and goes through
+    publisher.pub_sub_manager.publish("orders", 2)
+    wait_until(lambda: inbox.items == [1, 2], timeout=15)
+
+
+def read_line(stream: Any, timeout: float = 20.0) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"nothing from the child within {timeout} s"
+    return stream.readline().strip()
+
+
+def test_a_forked_child_starts_its_own_consumer_with_the_parent_subscriptions(
+    broker_url: str, kombu_app: Callable[..., Application]
+) -> None:
+    # Given a parent that loaded its subscriptions but started nothing (as gunicorn --preload, Celery prefork)
+    parent, publisher = kombu_app(broker_url), kombu_app(broker_url)
+    read_end, write_end = os.pipe()
+    parent.pub_sub_manager.subscribe("forked", lambda message: os.write(write_end, f"{message}\n".encode()))
+
+    pid = os.fork()
+    if pid == 0:  # the child: a new instance that starts its own consumer
+        code = 1
+        try:
+            parent._after_fork_in_child()
+            parent.pub_sub_manager.start()
+            os.write(write_end, f"ready {parent.instance_id}\n".encode())
+            time.sleep(15)  # the parent kills us once it has read the message
+        finally:
+            os._exit(code)
+
+    # Then the child has its own instance id, and gets what is published afterwards
+    try:
+        lines = os.fdopen(read_end, "r")
+        ready = read_line(lines).split()
+        assert ready[0] == "ready" and ready[1] != parent.instance_id
+        publisher.pub_sub_manager.publish("forked", "to the child")
+        assert read_line(lines) == "to the child"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(write_end)

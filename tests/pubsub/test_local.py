@@ -1,0 +1,62 @@
+"""What only the in-process backend and the debouncer show: no delivery to stopped instances, drain(), and a
+steady stream of equal messages that still gets through."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from nocluster import Application
+from nocluster.pubsub.debounce import MAX_WAIT_FACTOR, Debouncer
+from nocluster.testing import drain
+from tests.pubsub.test_contract import Inbox
+
+LOCAL = "nocluster.pubsub.backends.local.LocalPubSubBackend"
+
+
+def local_app(bus: str) -> Application:
+    return Application({"NAME": bus, "PUBSUB": {"BACKEND": LOCAL, "OPTIONS": {"bus": bus}}})
+
+
+def test_an_instance_that_is_not_started_receives_nothing_and_drain_waits_for_the_rest(app_name: str) -> None:
+    started, stopped, publisher = local_app(app_name), local_app(app_name), local_app(app_name)
+    got, missed = Inbox(), Inbox()
+    started.pub_sub_manager.subscribe("c", got)
+    stopped.pub_sub_manager.subscribe("c", missed)
+    started.pub_sub_manager.start()
+    try:
+        for n in range(100):
+            publisher.pub_sub_manager.publish("c", n)
+        drain(started, stopped)
+        assert got.items == list(range(100))
+        assert missed.items == []
+    finally:
+        started.pub_sub_manager.stop()
+
+
+def test_a_steady_stream_of_equal_messages_is_still_delivered() -> None:
+    # Given a 0.1 s debounce and an equal message pushed every 0.02 s for 1 s (never a 0.1 s pause)
+    debouncer = Debouncer("test-debounce")
+    calls: list[float] = []
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 1.0:
+            debouncer.push("key", 0.1, lambda: calls.append(time.monotonic()))
+            time.sleep(0.02)
+        # Then calls were made during the stream, at most MAX_WAIT_FACTOR * delay apart (plus scheduling slack)
+        assert calls, "a steady stream starved the debounced callback"
+        assert calls[0] - started <= 0.1 * MAX_WAIT_FACTOR + 0.3
+    finally:
+        debouncer.stop()
+
+
+def test_stop_drops_pending_calls_and_joins_the_thread() -> None:
+    debouncer = Debouncer("test-debounce-stop")
+    calls: list[int] = []
+    debouncer.push("key", 0.5, lambda: calls.append(1))
+    thread = debouncer._thread
+    debouncer.stop()
+    assert thread is not None and not thread.is_alive()
+    time.sleep(0.6)
+    assert calls == []
+    assert not any(t.name == "test-debounce-stop" for t in threading.enumerate())

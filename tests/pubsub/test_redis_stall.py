@@ -1,0 +1,113 @@
+"""A subscriber stalled during a burst on Redis: Redis disconnects it (output buffer limit), the node notices when
+it resumes, reconnects and resyncs; the publisher and the other nodes lose nothing.
+
+A private ``redis-server`` on a free port with a smaller ``client-output-buffer-limit pubsub`` (8 MiB, no soft limit)
+makes the disconnect happen after about 2,000 of the 10,000 messages instead of 32 MiB, while a live subscriber
+keeps a wide margin; the shared server's configuration is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import NodeProcess, start_nodes, stop_nodes, wait_until
+from tests.pubsub.test_nodes import SCENARIO, field_names, in_sync, received, wait_everywhere
+
+MESSAGES = 10_000
+SIZE = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server that drops a pub/sub client once 8 MiB are queued for it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (it is needed to run a private Redis for this test)")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="nocluster-redis-")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", workdir,
+            "--client-output-buffer-limit", "pubsub 8mb 0 0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout=10, message="the private redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def nodes(node_env: dict[str, str], private_redis: str) -> Iterator[list[NodeProcess]]:
+    started = start_nodes(3, {**node_env, "PUBSUB_URL": private_redis}, scenario=SCENARIO)
+    try:
+        yield started
+    finally:
+        for node in started:
+            if node.alive:
+                os.kill(node.pid, signal.SIGCONT)
+        stop_nodes(started)
+
+
+@pytest.mark.cluster
+def test_a_stalled_subscriber_is_dropped_by_redis_and_resyncs_while_the_others_lose_nothing(
+    nodes: list[NodeProcess],
+) -> None:
+    one, two, three = nodes
+    one.request({"cmd": "ds", "method": "create_collection", "args": ["events"]})
+    wait_everywhere(nodes, "events", [], within=10)
+    for node in (two, three):
+        node.request({"cmd": "subscribe", "channel": "burst", "key": "burst"})
+
+    # Given node 3 stalls (SIGSTOP) during a burst of 10,000 x 4 KiB messages and a schema change
+    os.kill(three.pid, signal.SIGSTOP)
+    try:
+        sent = one.request({"cmd": "burst", "channel": "burst", "count": MESSAGES, "size": SIZE}, timeout=120)
+        assert sent == MESSAGES
+        one.request({"cmd": "ds", "method": "add_field", "args": ["events", "kind", "string"]})
+    finally:
+        os.kill(three.pid, signal.SIGCONT)
+
+    # Then node 2 got every message, in order, and the change
+    wait_until(lambda: len(received(two, "burst")) >= MESSAGES, timeout=60, message="node 2 to get the burst")
+    assert [m["n"] for m in received(two, "burst")] == list(range(MESSAGES))
+    wait_everywhere([two], "events", ["kind"], within=10)
+
+    # And node 3 was disconnected, reconnected by itself and ends equal to the database
+    wait_until(lambda: three.request({"cmd": "reconnects"}) >= 1, timeout=30, message="node 3 to reconnect")
+    wait_until(lambda: field_names(three, "events") == ["kind"], timeout=10)
+    assert in_sync(three)
+    assert len(received(three, "burst")) < MESSAGES  # Redis dropped what was queued for it (at most once)
