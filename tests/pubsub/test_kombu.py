@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -165,3 +166,47 @@ def test_a_forked_child_starts_its_own_consumer_with_the_parent_subscriptions(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(write_end)
+
+
+def test_unsubscribing_while_the_channel_is_busy_keeps_the_connection_and_other_channels(
+    broker_url: str, kombu_app: Callable[..., Application]
+) -> None:
+    # Given a subscriber of a busy channel and of a quiet one
+    publisher, subscriber = kombu_app(broker_url), kombu_app(broker_url)
+    busy, quiet = Inbox(), Inbox()
+    reconnects: list[int] = []
+
+    def slow_busy(message: Any) -> None:  # the subscriber lags, so messages of the channel wait in its socket
+        time.sleep(0.002)
+        busy(message)
+
+    subscriber.pub_sub_manager.subscribe("busy", slow_busy)
+    subscriber.pub_sub_manager.subscribe("quiet", quiet)
+    subscriber.pub_sub_manager.on_reconnect(lambda: reconnects.append(1))
+    for node in (publisher, subscriber):
+        node.pub_sub_manager.start()
+    publisher.pub_sub_manager.publish("busy", -1)
+    wait_until(lambda: busy.items == [-1], timeout=15)
+
+    # When it unsubscribes the busy channel while a burst of it is on the way
+    stop = threading.Event()
+
+    def burst() -> None:
+        n = 0
+        while not stop.is_set() and n < 20000:
+            publisher.pub_sub_manager.publish("busy", n)
+            n += 1
+
+    flood = threading.Thread(target=burst)
+    flood.start()
+    wait_until(lambda: len(busy.items) > 200, timeout=15, message="the burst to arrive")
+    subscriber.pub_sub_manager.unsubscribe("busy", slow_busy)
+    time.sleep(0.3)  # the burst goes on after the unsubscribe
+    stop.set()
+    flood.join(15)
+    for n in range(20):
+        publisher.pub_sub_manager.publish("quiet", n)
+
+    # Then its connection was not dropped and the other channel lost nothing
+    wait_until(lambda: quiet.items == list(range(20)), timeout=15, message="every quiet message")
+    assert reconnects == []

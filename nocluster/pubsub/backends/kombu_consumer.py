@@ -255,8 +255,10 @@ class KombuConsumerThread(ConsumerMixin):
         wanted = self.wanted()
         added, removed = wanted - self._bound_channels, self._bound_channels - wanted
         if self.backend.is_redis:
-            for full in sorted(removed):
-                consumer.cancel_by_queue(self.backend.queue_name(full))
+            # Removed channels stay subscribed until the next reconnect and are filtered out in _on_message:
+            # cancelling kombu's fanout queue while a message of it is in flight makes its Redis transport
+            # raise KeyError in _deliver_fanout_message, which drops the connection (and, Redis being at most
+            # once, every other channel's messages in the gap).
             for full in sorted(added):
                 consumer.add_queue(self.backend.queue_for(full))
             if added:
