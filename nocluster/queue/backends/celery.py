@@ -114,12 +114,14 @@ class CeleryQueueBackend(QueueBackend):
         )
 
     def depth(self, full_channel: str) -> int:
-        """Messages waiting in the channel's broker queue (0 when no worker declared it yet)."""
+        """Messages waiting in the channel's broker queue.
+
+        Declares the queue as a worker would (durable, same arguments) and reads the count from the reply: a
+        passive declare on kombu's Redis transport ignores ``global_keyprefix`` and reports every queue missing.
+        """
         with self.celery_app.connection_for_read() as connection:
-            try:
-                return int(connection.default_channel.queue_declare(queue=full_channel, passive=True).message_count)
-            except connection.channel_errors:
-                return 0
+            declared = celery_queue(full_channel)(connection.default_channel).queue_declare()
+            return int(declared.message_count)
 
     def ping(self) -> None:
         with self.celery_app.connection_for_write() as connection:

@@ -1,0 +1,111 @@
+"""``manage.py cluster``: the nodes, the backends and whether each is reachable, queue depths, failed messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection
+
+from nocluster import app
+
+
+def probe(check: Callable[[], object]) -> dict[str, Any]:
+    try:
+        check()
+    except Exception as exc:
+        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return {"reachable": True, "error": None}
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """Each component's backend class and whether its server answers, through the component's own API."""
+    names = app.backend_names()
+    return {
+        "database": {"backend": settings.DATABASES["default"]["ENGINE"], **probe(connection.ensure_connection)},
+        "cache": {"backend": names["cache"], **probe(lambda: app.cache.get("cluster-probe"))},
+        "pubsub": {"backend": names["pubsub"], **probe(app.pub_sub_manager.backend.ping)},
+        "event_queue": {"backend": names["event_queue"], **probe(app.event_queue.backend.ping)},
+        "locks": {"backend": names["locks"], **probe(lambda: app.lock_manager.get_lock("cluster-probe"))},
+    }
+
+
+def queue_depths() -> dict[str, Any]:
+    try:
+        return {"depths": app.event_queue.depths(), "error": None}
+    except Exception as exc:
+        return {"depths": {}, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+
+
+def failed_messages() -> int | None:
+    from nocluster.models import FailedMessage
+
+    try:
+        return FailedMessage.objects.filter(app_name=app.name).count()
+    except Exception:
+        return None
+
+
+def nodes() -> list[dict[str, Any]] | None:
+    try:
+        return app.node_registry.nodes()
+    except Exception:
+        return None
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the cluster: its nodes with their state and last heartbeat, the configured backends and whether "
+        "each is reachable, the event queue's depth per channel and the number of failed queue messages. "
+        "--json prints one JSON object for scripts; --check exits 1 when a backend is unreachable."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument("--check", action="store_true", help="exit with status 1 if a backend is unreachable")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        report = {
+            "app": app.name,
+            "nodes": nodes(),
+            "backends": backends(),
+            "queues": queue_depths(),
+            "failed_messages": failed_messages(),
+        }
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2, default=str))
+        else:
+            self.print_report(report)
+        down = [name for name, entry in report["backends"].items() if not entry["reachable"]]
+        if options["check"] and down:
+            raise CommandError(f"unreachable: {', '.join(down)}")
+
+    def print_report(self, report: dict[str, Any]) -> None:
+        write = self.stdout.write
+        node_list = report["nodes"]
+        write(f"cluster {report['app']!r}")
+        write("\nNodes")
+        if node_list is None:
+            write("  (the node registry cannot be read: is the database migrated and reachable?)")
+        elif not node_list:
+            write("  (no node registered)")
+        for node in node_list or []:
+            write(
+                f"  {node['instance_id'][:12]}  {node['state']:<7} {node['role']:<7} {node['host']}:{node['pid']}  "
+                f"last heartbeat {node['last_heartbeat']}"
+            )
+        write("\nBackends")
+        for name, entry in report["backends"].items():
+            state = "ok" if entry["reachable"] else f"UNREACHABLE ({entry['error']})"
+            write(f"  {name:<12} {entry['backend']:<60} {state}")
+        write("\nEvent queue depth")
+        queues = report["queues"]
+        if queues["error"]:
+            write(f"  (unknown: {queues['error']})")
+        for channel, depth in queues["depths"].items():
+            write(f"  {channel:<40} {'?' if depth is None else depth}")
+        failed = report["failed_messages"]
+        write(f"\nFailed queue messages: {'?' if failed is None else failed}")
