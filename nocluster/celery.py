@@ -107,6 +107,8 @@ def create_app(*, broker_url: str, app_name: str, main: str = "nocluster") -> Ce
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Keep the project's LOGGING (NOCLUSTER_LOG_FORMAT=json works in workers too).
+        worker_hijack_root_logger=False,
         task_default_queue=f"{app_name}.celery",
         **{f"nocluster_{key}": value for key, value in limits.items()},
     )
