@@ -15,6 +15,9 @@ class InstalledPluginAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: object) -> bool:
         return False
 
+    def has_delete_permission(self, request: object, obj: object = None) -> bool:
+        return False  # deleting a row would run that plugin's install() again on the next start
+
 
 @admin.register(FailedMessage)
 class FailedMessageAdmin(admin.ModelAdmin):
@@ -25,6 +28,12 @@ class FailedMessageAdmin(admin.ModelAdmin):
     search_fields = ("channel", "message_id", "error")
     readonly_fields = [field.name for field in FailedMessage._meta.fields]
     actions = ["requeue"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[FailedMessage]:
+        from nocluster import app
+
+        # Only this project's: re-queueing another project's record would publish it into our channels.
+        return super().get_queryset(request).filter(app_name=app.name)
 
     @admin.display(description="error")
     def short_error(self, failed: FailedMessage) -> str:
@@ -77,3 +86,6 @@ class NodeAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False  # every node keeps its own row; the registry removes the dead ones

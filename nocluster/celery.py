@@ -53,11 +53,21 @@ def queue_limits() -> dict[str, float]:
     return limits
 
 
+# Unacked messages a worker may hold per pool process: one running, one waiting (a prefetched message, or a
+# retry/defer held until its countdown). Capped, so how long a message can stay unacked is bounded.
+HELD_PER_PROCESS = 2
+
+
 def visibility_timeout(limits: dict[str, float]) -> float:
-    """Seconds a message may stay unacked on Redis: the longest retry/defer delay it may wait in a worker,
-    plus the longest run (timeout + 2 x grace, when the hard limit kills it), plus a margin."""
+    """Seconds a message may stay unacked on Redis before the broker hands it out again.
+
+    A held message waits out its retry/defer delay, then queues behind at most the other held messages of the
+    worker (``HELD_PER_PROCESS`` per pool process: at most one more run each), then runs itself; a run lasts at
+    most timeout + 2 x grace (the hard limit). So: longest delay + 3 longest runs + a margin.
+    """
     longest_delay = max(limits["retry_backoff_max"], limits["defer_delay"], 1.0)
-    return longest_delay + limits["max_timeout"] + 2 * limits["grace"] + VISIBILITY_MARGIN
+    longest_run = limits["max_timeout"] + 2 * limits["grace"]
+    return longest_delay + 3 * longest_run + VISIBILITY_MARGIN
 
 
 def transport_options(broker_url: str, app_name: str, limits: dict[str, float]) -> dict[str, Any]:
@@ -146,6 +156,9 @@ def consume_subscribed_channels(sender: Any = None, instance: Any = None, **kwar
     queues = backend.queues()
     for queue in queues:
         instance.app.amqp.queues.select_add(queue)
+    # Celery fetches countdown (ETA) messages beyond the prefetch window; cap what the worker holds so the
+    # visibility timeout above covers every held message (read by the consumer when it starts, after this).
+    instance.app.conf.worker_eta_task_limit = HELD_PER_PROCESS * int(instance.concurrency or 1)
     logger.info("worker %s consumes event queue channels: %s", sender, ", ".join(q.name for q in queues) or "(none)")
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import close_old_connections
 from django.utils import timezone
+
+from nocluster.db import close_old_connections
 
 if TYPE_CHECKING:
     from nocluster.app import Application

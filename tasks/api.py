@@ -142,12 +142,25 @@ def submit(
     """
     registry = _registry(app)
     channel = task_channel(plugin, name)
-    with transaction.atomic():
-        task = Task.objects.create(title=title or f"{plugin}.{name}", plugin=plugin, channel=channel, params=params)
-        task.message_id = registry.app.event_queue.publish(
-            channel, {"task_id": task.pk, "params": params}, timeout=timeout, max_retries=max_retries
-        )
-        task.save(update_fields=["message_id"])
+    outermost = not transaction.get_connection().in_atomic_block
+    task: Task | None = None
+    try:
+        with transaction.atomic():
+            task = Task.objects.create(title=title or f"{plugin}.{name}", plugin=plugin, channel=channel, params=params)
+            task.message_id = registry.app.event_queue.publish(
+                channel, {"task_id": task.pk, "params": params}, timeout=timeout, max_retries=max_retries
+            )
+            task.save(update_fields=["message_id"])
+    except Exception as exc:
+        # The row committed but its message could not go out (the publish runs after the commit): say so on
+        # the task rather than leave it queued for ever. (Inside a caller's transaction the publish happens at
+        # the caller's commit, and its failure surfaces there.)
+        if outermost and task is not None and task.pk is not None:
+            Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED).update(
+                status=Task.Status.FAILED, error=f"could not be queued: {type(exc).__name__}: {exc}",
+                finished=timezone.now(),
+            )  # fmt: skip
+        raise
     return task
 
 
@@ -192,6 +205,8 @@ def _run_task(registry: _Registry, channel: str, payload: Any, context: Context)
     claimed = Task.objects.filter(pk=task_id, status__in=runnable).update(
         status=Task.Status.RUNNING,
         node=registry.app.instance_id,
+        # A re-queued failed message has a new id: cancels must find the one running now.
+        message_id=context.id,
         started=now,
         finished=None,
         tries=F("tries") + 1,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nocluster.db import close_old_connections
 from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, validate_channel
 from nocluster.errors import PublishError
 from nocluster.pubsub.debounce import Debouncer
@@ -242,6 +243,9 @@ class PubSubManager:
         return call
 
     def _call(self, channel: str, callback: Callback, envelope: Envelope) -> None:
+        # As Django does around a request: a callback in this long-lived thread gets a usable database
+        # connection, and does not keep one open past CONN_MAX_AGE.
+        close_old_connections()
         try:
             callback(envelope.message)
         except Exception:
@@ -252,3 +256,5 @@ class PubSubManager:
                 envelope.id,
                 self.app.instance_id,
             )
+        finally:
+            close_old_connections()

@@ -85,7 +85,10 @@ class Deadlines:
             while self._heap and self._heap[0][2].cancelled:
                 heapq.heappop(self._heap)
             if not self._heap:
-                self._cond.wait(1.0)
+                # Nothing pending: end the thread (after() starts a new one), so a stopped node leaves none.
+                if not self._cond.wait(1.0) and not self._heap:
+                    self._thread = None
+                    return None
                 continue
             wait = self._heap[0][0] - time.monotonic()
             if wait <= 0:

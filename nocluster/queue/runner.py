@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from nocluster.db import close_old_connections
 from nocluster.errors import Aborted
 from nocluster.queue.deadlines import deadlines
 from nocluster.queue.message import Context, Message, Subscription
@@ -79,9 +80,11 @@ def run_message(subscription: Subscription, message: Message, signal: AbortSigna
     timer = deadlines.after(message.timeout, lambda: signal.abort(TIMEOUT))
     try:
         stopper = _GraceStopper(message.timeout + grace) if grace is not None else None
+        close_old_connections()  # as Django does around a request, in this long-lived worker thread
         try:
             subscription.process(message.payload, context)
         finally:
+            close_old_connections()
             if stopper is not None:
                 stopper.leave()
             # What the signal said when the work ended: a timer firing after that does not count.

@@ -31,7 +31,7 @@ def test_the_redis_visibility_timeout_is_derived_from_the_longest_timeout(
     limits: dict[str, float], redis_url: str
 ) -> None:
     # The longest life of an unacked message: retry delay (2) + max timeout (10) + 2 x grace (1) + margin (10)
-    assert visibility_timeout(limits) == 2 + 10 + 2 * 1 + 10
+    assert visibility_timeout(limits) == 2 + 3 * (10 + 2 * 1) + 10
     celery_app = create_app(broker_url=redis_url, app_name="cfg")
 
     # And the channel really uses it (celery#9339: a setting that is not picked up stays at 3600 s)

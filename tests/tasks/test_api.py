@@ -123,3 +123,37 @@ def test_the_plugin_registers_its_job_in_every_process() -> None:
     from nocluster import app
 
     assert "tasks.async_task_manager.checksum" in app.event_queue.channels()
+
+
+def test_a_requeued_task_can_still_be_cancelled(tasks_app: Application) -> None:
+    # Given a task whose first run failed and whose failed message was re-queued
+    from nocluster.queue.failures import requeue
+
+    release.clear()
+    task = api.submit("demo", "gated", {"n": 1}, timeout=30, app=tasks_app)
+    wait_until(lambda: status(task) == "running", timeout=10)
+    tasks_app.event_queue.cancel(task.message_id, reason="timeout")  # the first try fails as if timed out
+    failed = wait_until(lambda: FailedMessage.objects.filter(message_id=task.message_id).first(), timeout=10)
+    requeue(tasks_app.event_queue, failed)
+    wait_until(lambda: status(task) == "running" and Task.objects.get(pk=task.pk).tries == 2, timeout=10)
+
+    # When it is cancelled
+    api.cancel(task.pk, app=tasks_app)
+
+    # Then the run of the re-queued message stops (it does not run until released)
+    wait_until(lambda: Task.objects.get(pk=task.pk).finished is not None, timeout=5, message="the re-run to stop")
+    assert status(task) == "cancelled"
+
+
+def test_a_task_whose_message_cannot_be_queued_is_marked_failed(tasks_app: Application) -> None:
+    def broker_down(full_channel: str, message: Any, delay: float = 0.0) -> None:
+        raise ConnectionError("broker down")
+
+    tasks_app.event_queue.backend.publish = broker_down  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ConnectionError):
+            api.submit("demo", "gated", {"n": 2}, app=tasks_app)
+    finally:
+        del tasks_app.event_queue.backend.publish
+    task = Task.objects.filter(plugin="demo", params={"n": 2}).get()
+    assert task.status == "failed" and "could not be queued: ConnectionError: broker down" in task.error

@@ -76,6 +76,9 @@ class MemoryQueueBackend(QueueBackend):
                 self._spawn(channel)
 
     def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
+        # A copy through JSON, as a broker would make: neither the publisher's later changes to its payload
+        # nor one try's changes reach the next try or the failed record.
+        message = Message.from_json(message.to_json())
         with self._cond:
             channel = self._channels[full_channel]
             heapq.heappush(channel.ready, (time.monotonic() + max(delay, 0.0), next(self._seq), message))
@@ -106,6 +109,9 @@ class MemoryQueueBackend(QueueBackend):
             for channel in self._channels.values():
                 channel.threads = [thread for thread in channel.threads if thread.is_alive()]
             self._started = False
+            left = {name: len(channel.ready) for name, channel in self._channels.items() if channel.ready}
+        if left:
+            logger.warning("memory queue stopped with messages not run (lost at exit): %s", left)
 
     def after_fork(self) -> None:
         # The parent's threads are gone and its queued messages are the parent's to run.
