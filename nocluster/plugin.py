@@ -44,7 +44,11 @@ class Plugin:
       name: the plugin name, which is the Django app label.
       app_config: the Django ``AppConfig``.
       logger: a logger named ``nocluster.plugins.<name>``.
+      sync_debounce: seconds over which equal sync messages to this plugin are coalesced; None (the default)
+        uses ``NOCLUSTER["SYNC"]["DEBOUNCE"]``. A plugin whose state must follow changes quickly sets less.
     """
+
+    sync_debounce: float | None = None
 
     def __init__(self, app: Application, app_config: AppConfig) -> None:
         self.app = app

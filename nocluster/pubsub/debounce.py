@@ -40,12 +40,21 @@ class Debouncer:
         self._order = itertools.count()
         self._running = False
         self._stopping = False
+        self._closed = False  # set by stop(): pushes are dropped until open()
         self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Accept pushes again after :meth:`stop` (the node started again)."""
+        with self._cond:
+            self._closed = False
 
     def push(self, key: Hashable, delay: float, fn: Callable[[], None]) -> None:
         """Call ``fn`` ``delay`` seconds after the last push of ``key`` (the last ``fn`` pushed wins)."""
         now = time.monotonic()
         with self._cond:
+            if self._closed:
+                logger.debug("debouncer %s is stopped: call %r dropped", self.name, key)
+                return
             self._ensure_thread()
             previous = self._pending.get(key)
             limit = previous[1] if previous else now + delay * MAX_WAIT_FACTOR
@@ -71,6 +80,7 @@ class Debouncer:
             self._pending.clear()
             self._heap.clear()
             self._stopping = True
+            self._closed = True
             thread, self._thread = self._thread, None
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
@@ -85,6 +95,7 @@ class Debouncer:
         self._heap.clear()
         self._running = False
         self._stopping = False
+        self._closed = False
         self._thread = None
 
     def _ensure_thread(self) -> None:

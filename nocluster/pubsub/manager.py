@@ -65,6 +65,10 @@ class PubSubManager:
         self.app = app
         self.backend = backend
         self._lock = threading.RLock()
+        # Held across a subscription table change and the backend call it implies, so a subscribe racing an
+        # unsubscribe of the same channel cannot leave a subscriber the backend no longer delivers to. Not
+        # _lock: deliver() takes that one, and the backend may wait for its consumer thread.
+        self._bind_lock = threading.RLock()
         self._subscriptions: dict[str, dict[Callback, Subscription]] = {}
         self._reconnect_listeners: list[Callable[[], None]] = []
         self.debouncer = Debouncer(f"nocluster-pubsub-debounce-{app.instance_id[:8]}")
@@ -98,24 +102,26 @@ class PubSubManager:
             raise TypeError(f"channel {channel!r}: callback {callback!r} is not callable")
         if debounce < 0:
             raise ValueError(f"channel {channel!r}: debounce must be >= 0 seconds, got {debounce!r}")
-        with self._lock:
-            callbacks = self._subscriptions.setdefault(channel, {})
-            first = not callbacks
-            callbacks[callback] = Subscription(callback, float(debounce))
-        if first:
-            self.backend.subscribe(full)
+        with self._bind_lock:
+            with self._lock:
+                callbacks = self._subscriptions.setdefault(channel, {})
+                first = not callbacks
+                callbacks[callback] = Subscription(callback, float(debounce))
+            if first:
+                self.backend.subscribe(full)
 
     def unsubscribe(self, channel: str, callback: Callback) -> None:
         """Stop calling ``callback`` for ``channel`` (no error if it was not subscribed)."""
         full = self.full_channel(channel)
-        with self._lock:
-            callbacks = self._subscriptions.get(channel, {})
-            callbacks.pop(callback, None)
-            last = not callbacks and channel in self._subscriptions
+        with self._bind_lock:
+            with self._lock:
+                callbacks = self._subscriptions.get(channel, {})
+                callbacks.pop(callback, None)
+                last = not callbacks and channel in self._subscriptions
+                if last:
+                    del self._subscriptions[channel]
             if last:
-                del self._subscriptions[channel]
-        if last:
-            self.backend.unsubscribe(full)
+                self.backend.unsubscribe(full)
 
     def subscriptions(self, channel: str) -> list[Subscription]:
         with self._lock:
@@ -167,6 +173,7 @@ class PubSubManager:
             if self.started:
                 return
             self.started = True
+        self.debouncer.open()
         self.backend.connect(self.app.instance_id)
 
     def stop(self) -> None:
@@ -182,13 +189,17 @@ class PubSubManager:
 
     def after_fork(self) -> None:
         """In a forked child: the consumer thread is gone; :meth:`start` builds a new one with the new id."""
+        # Another thread may have held a lock at fork(): the child's copy would stay locked for ever.
+        self._lock = threading.RLock()
+        self._bind_lock = threading.RLock()
         self.started = False
         self.backend.after_fork()
         self.debouncer.after_fork()
         self.debouncer.name = f"nocluster-pubsub-debounce-{self.app.instance_id[:8]}"
 
     def drain(self, timeout: float = 5.0) -> bool:
-        """Local backends: wait until published messages and debounced calls are done (seconds)."""
+        """Local backends: wait until published messages are delivered (seconds); debounced calls may still be
+        pending (``nocluster.testing.drain`` waits for those too)."""
         return self.backend.drain(timeout)
 
     # --- called by the backend -----------------------------------------------------------------------

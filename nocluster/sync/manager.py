@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import close_old_connections, transaction
+from django.db import transaction
 
+from nocluster.db import close_old_connections
 from nocluster.envelope import JSON, canonical, ensure_json, validate_channel
 from nocluster.sync.sequence import GapDetector, SequenceCounter, resync_marker
 
@@ -49,6 +50,9 @@ class SyncMessageManager:
         self.app = app
         self.debounce = float(app.config.get("SYNC", {}).get("DEBOUNCE", 1.0))
         self._lock = threading.RLock()
+        # Held from taking a sequence number to handing the message to the broker: two threads of this node
+        # must not put seq N+1 on the wire before seq N (the receivers would see a gap and resync for nothing).
+        self._send_lock = threading.Lock()
         self._subscriptions: dict[str, dict[Callback, SyncSubscription]] = {}
         self._receivers: dict[str, Callback] = {}
         self._sequences = SequenceCounter()
@@ -112,8 +116,16 @@ class SyncMessageManager:
             self.pubsub.unsubscribe(f"sync.{channel}", receiver)
 
     def register_plugin(self, plugin: Plugin) -> None:
-        """Subscribe ``plugin.handle_sync_message`` on the plugin's channel, with ``plugin.resync`` (plugin runner)."""
-        self.subscribe(plugin.name, plugin.handle_sync_message, resync=plugin.resync)  # type: ignore[attr-defined]
+        """Subscribe ``plugin.handle_sync_message`` on the plugin's channel, with ``plugin.resync`` (plugin runner).
+
+        The debounce is the plugin's ``sync_debounce`` (seconds) when it sets one, else the setting's.
+        """
+        self.subscribe(
+            plugin.name,
+            plugin.handle_sync_message,  # type: ignore[attr-defined]
+            debounce=plugin.sync_debounce,
+            resync=plugin.resync,
+        )
 
     def resync(self, channel: str | None = None, reason: str = "requested") -> None:
         """Make the subscribers of ``channel`` (every channel when None) reload their state (debounced)."""
@@ -128,6 +140,8 @@ class SyncMessageManager:
 
     def after_fork(self) -> None:
         """In a forked child (a new instance): number its messages afresh and forget what the parent saw."""
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
         self._sequences = SequenceCounter()
         self._gaps = GapDetector()
 
@@ -138,9 +152,10 @@ class SyncMessageManager:
 
     def _send(self, channel: str, message: JSON) -> None:
         # The number is taken even if the publish fails: receivers then see a gap at the next one and resync.
-        payload = {"seq": self._sequences.next(channel), "source": self.app.instance_id, "message": message}
         try:
-            self.pubsub.publish(f"sync.{channel}", payload, skip_self=True)
+            with self._send_lock:
+                payload = {"seq": self._sequences.next(channel), "source": self.app.instance_id, "message": message}
+                self.pubsub.publish(f"sync.{channel}", payload, skip_self=True)
         except Exception:
             logger.exception("sync channel %r: message not sent by instance %s", channel, self.app.instance_id)
             raise
@@ -164,7 +179,7 @@ class SyncMessageManager:
         message = payload["message"]
         message_id = f"{payload.get('source')}#{payload['seq']}"
         for subscription in self._subscriptions_of(channel):
-            call = partial(self._call, channel, subscription.callback, message, message_id)
+            call = partial(self._call_subscribed, channel, subscription.callback, message, message_id)
             if subscription.debounce > 0:
                 key = ("sync", channel, subscription.callback, canonical(message))
                 self.pubsub.debouncer.push(key, subscription.debounce, call)
@@ -176,11 +191,22 @@ class SyncMessageManager:
         self.resync(reason="reconnect")
 
     def _resync_one(self, channel: str, subscription: SyncSubscription, reason: str) -> None:
+        if not self._subscribed(channel, subscription.callback):
+            return
         logger.info("sync channel %r: resync (%s) on instance %s", channel, reason, self.app.instance_id)
         if subscription.resync is not None:
             self._call(channel, lambda _: subscription.resync(reason), None, f"resync:{reason}")  # type: ignore[misc]
         else:
             self._call(channel, subscription.callback, resync_marker(reason), f"resync:{reason}")
+
+    def _subscribed(self, channel: str, callback: Callback) -> bool:
+        with self._lock:
+            return callback in self._subscriptions.get(channel, {})
+
+    def _call_subscribed(self, channel: str, callback: Callback, message: Any, message_id: str) -> None:
+        # A debounced call may fire after its callback was unsubscribed: it must not run then.
+        if self._subscribed(channel, callback):
+            self._call(channel, callback, message, message_id)
 
     def _call(self, channel: str, callback: Callback, message: Any, message_id: str) -> None:
         # Callbacks run on long-lived threads: give them a usable database connection, then let it go.

@@ -23,6 +23,10 @@ REMOVE_FIELD_LOCK_TTL = 10.0
 class DataSourceMainPlugin(Plugin):
     """Collections and fields; ``self.registry`` is this node's in-memory copy of the schema."""
 
+    # A schema change must reach every node fast (a request on another node may use the new field at once):
+    # coalesce equal sync messages over 0.2 s rather than the default 1 s.
+    sync_debounce = 0.2
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.registry = SchemaRegistry()

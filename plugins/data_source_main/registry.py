@@ -28,22 +28,26 @@ class SchemaRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        # Reloads read the database and write the registry one at a time, so a slow full reload that read
+        # before a commit cannot overwrite a later reload's fresher data. Readers only take _lock.
+        self._reload_lock = threading.Lock()
         self._schema: Schema = {}
         self.loaded = False
         self.reloads = 0
 
     def reload(self, name: str | None = None, using: str | None = None) -> None:
         """Reload one collection (dropped if it no longer exists), or everything when ``name`` is None."""
-        fresh = load_from_database(name, using)
-        with self._lock:
-            if name is None:
-                self._schema = fresh
-                self.loaded = True
-            elif name in fresh:
-                self._schema[name] = fresh[name]
-            else:
-                self._schema.pop(name, None)
-            self.reloads += 1
+        with self._reload_lock:
+            fresh = load_from_database(name, using)
+            with self._lock:
+                if name is None:
+                    self._schema = fresh
+                    self.loaded = True
+                elif name in fresh:
+                    self._schema[name] = fresh[name]
+                else:
+                    self._schema.pop(name, None)
+                self.reloads += 1
 
     def ensure_loaded(self) -> None:
         if not self.loaded:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -213,3 +215,57 @@ def test_gap_detector_counts_missed_numbers_per_publisher() -> None:
     assert gaps.observe("c", "a", 9) == 0  # duplicate
     gaps.reset()
     assert gaps.observe("c", "a", 20) == 0
+
+
+def test_many_threads_publishing_on_one_node_cause_no_false_gap(
+    committing_postgres: None, make_node: Callable[[], Application]
+) -> None:
+    # Given a receiver, and a sender whose request threads publish on one channel at the same time
+    sender, receiver = make_node(), make_node()
+    inbox = Inbox()
+    resyncs: list[str] = []
+    receiver.sync_message_manager.subscribe("schema", inbox, debounce=0, resync=resyncs.append)
+
+    def publish_many(thread: int) -> None:
+        from django.db import connection
+
+        try:
+            for n in range(100):
+                sender.sync_message_manager.publish("schema", [thread, n])
+        finally:
+            connection.close()  # as Django does when a request ends
+
+    threads = [threading.Thread(target=publish_many, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    drain(sender, receiver)
+
+    # Then every message arrived and none looked missed
+    assert len(inbox.items) == 800
+    assert resyncs == []
+
+
+def test_a_pending_debounced_call_does_not_run_after_unsubscribe(
+    committing_postgres: None, make_node: Callable[[], Application]
+) -> None:
+    sender, receiver = make_node(), make_node()
+    inbox = Inbox()
+    receiver.sync_message_manager.subscribe("schema", inbox, debounce=0.5)
+    sender.sync_message_manager.publish("schema", "x")
+    receiver.pub_sub_manager.drain()  # delivered: the call is now pending in the debouncer
+    receiver.sync_message_manager.unsubscribe("schema", inbox)
+    drain(sender, receiver)
+    assert inbox.items == []
+
+
+def test_a_stopped_node_runs_no_debounced_call(make_node: Callable[[], Application]) -> None:
+    node = make_node()
+    inbox = Inbox()
+    node.pub_sub_manager.subscribe("news", inbox, debounce=0.1)
+    node.pub_sub_manager.stop()
+    node.pub_sub_manager.publish("news", "after stop", only_self=True)
+    time.sleep(0.3)  # longer than the debounce: a call that was wrongly accepted would have run
+    assert inbox.items == []
+    assert node.pub_sub_manager.debouncer.idle()

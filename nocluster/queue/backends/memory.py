@@ -14,8 +14,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from django.db import close_old_connections, connections
+from django.db import connections
 
+from nocluster.db import close_old_connections
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.message import Message, Subscription
 
