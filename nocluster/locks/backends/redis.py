@@ -43,8 +43,9 @@ from nocluster.locks.backend import Lease, LockBackend, LockInfo
 # KEYS[1] lock, KEYS[2] token sequence; ARGV[1] owner id prefix, ARGV[2] ttl in ms.
 # Returns {1, token} when acquired, else {0, pttl of the holder in ms}.
 ACQUIRE_SCRIPT = b"""
-    if redis.call("exists", KEYS[1]) == 1 then
-        return {0, redis.call("pttl", KEYS[1])}
+    local pttl = redis.call("pttl", KEYS[1])
+    if pttl ~= -2 then
+        return {0, pttl}
     end
     local token = redis.call("incr", KEYS[2])
     redis.call("set", KEYS[1], ARGV[1] .. ":" .. token, "PX", ARGV[2])
