@@ -13,7 +13,17 @@ from tasks.models import Task
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ("title", "plugin", "status", "progress_bar", "node", "tries", "created", "started", "finished")
+    list_display = (
+        "title",
+        "plugin",
+        "status",
+        "progress_bar",
+        "node_short",
+        "tries",
+        "created",
+        "started",
+        "finished",
+    )
     list_filter = ("status", "plugin", "node")
     search_fields = ("title", "plugin", "channel", "error", "message_id")
     readonly_fields = [field.name for field in Task._meta.fields]
@@ -25,6 +35,11 @@ class TaskAdmin(admin.ModelAdmin):
         return format_html(
             '<progress value="{}" max="100" title="{}%"></progress> {}%', task.progress, task.progress, task.progress
         )
+
+    @admin.display(description="node", ordering="node")
+    def node_short(self, task: Task) -> str:
+        # The first 8 characters, as the logs print them; the whole id on hover and on the task's page.
+        return format_html('<span title="{}">{}</span>', task.node, task.node[:8])
 
     @admin.action(description="Cancel selected tasks (on whichever node runs them)")
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
