@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nocluster.app import app
 
@@ -32,6 +32,11 @@ class Command(BaseCommand):
         parser.add_argument("--no-http", action="store_true", help="run the consumers only, serve no HTTP")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["threads"] < 1:
+            raise CommandError(f"--threads must be at least 1, got {options['threads']}")
+        host, _, port = options["bind"].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CommandError(f"--bind must be HOST:PORT, got {options['bind']!r}")
         app.install_plugins()
         if options["no_http"]:
             self.run_consumers_only()
