@@ -22,19 +22,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from nocluster.testing import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
-        time.sleep(interval)
+__all__ = ["ROOT", "NodeProcess", "start_nodes", "stop_nodes", "wait_until"]
 
 
 class NodeProcess:
