@@ -160,3 +160,30 @@ def test_bad_publishes_get_errors_naming_the_channel(memory_app: Application) ->
         memory_app.event_queue.publish("echo", {}, max_retries=-1)
     assert memory_app.event_queue.backend.drain(5)
     assert not events(memory_app, "echo")
+
+
+def test_subscribing_again_with_a_lower_concurrency_is_obeyed(memory_app: Application) -> None:
+    import threading
+    import time
+
+    # Given a channel subscribed with concurrency 3 and started, then subscribed again with concurrency 1
+    running, peak = 0, 0
+    guard = threading.Lock()
+
+    def work(payload: object, context: object) -> None:
+        nonlocal running, peak
+        with guard:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with guard:
+            running -= 1
+
+    memory_app.event_queue.subscribe("resub", work, concurrency=3)
+    memory_app.event_queue.start()
+    memory_app.event_queue.subscribe("resub", work, concurrency=1)
+    for n in range(12):
+        memory_app.event_queue.publish("resub", n)
+    assert memory_app.event_queue.backend.drain(20)
+    # Then never more than one ran at once
+    assert peak == 1

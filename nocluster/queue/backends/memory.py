@@ -70,7 +70,11 @@ class MemoryQueueBackend(QueueBackend):
         with self._cond:
             channel = self._channels.get(full_channel)
             if channel is not None:
+                # Subscribed again (maybe with another concurrency): more threads if it grew; if it shrank,
+                # _take keeps the extra ones waiting.
                 channel.subscription = subscription
+                if self._started:
+                    self._spawn(channel)
                 return
             channel = self._channels[full_channel] = _Channel(full_channel, subscription)
             if self._started:
@@ -183,9 +187,12 @@ class MemoryQueueBackend(QueueBackend):
                     self._cond.wait(self.poll_interval)
                 continue
             with self._cond:
-                if channel.ready and channel.ready[0][0] <= time.monotonic() and not self._stopping:
+                due = channel.ready and channel.ready[0][0] <= time.monotonic() and not self._stopping
+                if due and channel.in_flight < channel.subscription.concurrency:
                     channel.in_flight += 1
                     return heapq.heappop(channel.ready)[2]
+                if due:
+                    self._cond.wait(self.poll_interval)
 
     def _is_idle(self, channel: _Channel) -> bool:
         try:
