@@ -24,10 +24,11 @@ TEST_REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_AMQP_URL = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def reachable(url: str) -> bool:
+def reachable(url: str, default_port: int = 5432) -> bool:
+    """True when a TCP connection to the server of ``url`` opens within a second."""
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=1):
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1):
             return True
     except OSError:
         return False

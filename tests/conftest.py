@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
 from django.db import connection
 
-from settings.test import RUN_ID, TEST_AMQP_URL, TEST_DATABASE_URL, TEST_REDIS_URL
+from settings.test import RUN_ID, TEST_AMQP_URL, TEST_DATABASE_URL, TEST_REDIS_URL, reachable
 
 HOW_TO_START = {
     "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
@@ -38,15 +36,6 @@ def server_unavailable(server: str, url: str) -> None:
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
-
-
-def reachable(url: str, default_port: int) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
