@@ -88,3 +88,8 @@ def test_anonymous_users_are_sent_to_the_login_page(db: None) -> None:
 
 def test_the_admin_index_links_to_the_locks_page(superuser_client: Client) -> None:
     assert URL in superuser_client.get("/admin/").content.decode()
+
+
+def test_the_sidebar_of_other_admin_pages_links_to_the_locks_page(superuser_client: Client) -> None:
+    page = superuser_client.get("/admin/tasks/task/").content.decode()
+    assert 'id="nav-sidebar"' in page and f'href="{URL}"' in page
