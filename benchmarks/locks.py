@@ -111,7 +111,7 @@ def contender(kind: str, start_at: float, results: mp.Queue) -> None:
     results.put(count)
 
 
-def contended(kind: str) -> float:
+def contended(kind: str) -> tuple[float, float]:
     context = mp.get_context("fork")
     results: mp.Queue = context.Queue()
     start_at = time.time() + 1.0
@@ -121,7 +121,8 @@ def contended(kind: str) -> float:
     counts = [results.get(timeout=60) for _ in procs]
     for proc in procs:
         proc.join(30)
-    return sum(counts) / CONTENDED_SECONDS
+    # Fairness: the slowest process's share of the average (1.0: every process got as many acquisitions).
+    return sum(counts) / CONTENDED_SECONDS, min(counts) / (sum(counts) / len(counts))
 
 
 def cleanup() -> None:
@@ -137,6 +138,7 @@ def main() -> int:
     ping: list[float] = []
     uncontended: dict[str, list[tuple[float, float]]] = {"ours": [], "raw": []}
     rates: dict[str, list[float]] = {"ours": [], "raw": []}
+    fairness: dict[str, list[float]] = {"ours": [], "raw": []}
     steps = {kind: make() for kind, make in STEPS.items()}
     try:
         for _ in range(ROUNDS):
@@ -147,7 +149,9 @@ def main() -> int:
         for round_ in range(CONTENDED_ROUNDS):
             # Alternate which goes first: other load on the machine drifts over seconds.
             for kind in ("ours", "raw") if round_ % 2 == 0 else ("raw", "ours"):
-                rates[kind].append(contended(kind))
+                rate, fair = contended(kind)
+                rates[kind].append(rate)
+                fairness[kind].append(fair)
     finally:
         cleanup()
     ping50, ping99 = p(ping, 0.5), p(ping, 0.99)
@@ -170,6 +174,8 @@ def main() -> int:
     print(f"raw uncontended p50 in PING round trips:          {med['raw'][0] / ping50:.1f}")
     for kind in ("raw", "ours"):
         print(f"contended acq/s per round, {kind}: {', '.join(f'{r:.0f}' for r in rates[kind])}")
+    for kind in ("raw", "ours"):
+        print(f"fairness (slowest process / average), {kind}: {statistics.median(fairness[kind]):.2f}")
     return 0
 
 

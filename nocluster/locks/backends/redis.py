@@ -3,8 +3,9 @@
 python-redis-lock turns ``expire`` and the wait ``timeout`` into whole seconds with ``int()``, so the spec's
 ``ttl=0.5`` would become 0. :class:`MillisecondLock` subclasses its ``Lock`` and keeps what makes it good:
 
-- the owner-checked release: its own ``UNLOCK_SCRIPT`` (compare the stored owner id, delete, push one element
-  onto the signal list) and ``RESET_SCRIPT`` (force release), unchanged;
+- the owner-checked release: its ``UNLOCK_SCRIPT`` (compare the stored owner id, delete, push one element onto
+  the signal list), with one line added (the hand-off marker, below), and its ``RESET_SCRIPT`` semantics for a
+  force release;
 - its wake-up: waiters block in ``BLPOP`` on the signal list instead of polling.
 
 What is ours (Lua, on the same layout): acquire is one script that does ``SET NX PX <ms>`` and, on success,
@@ -16,6 +17,9 @@ Keys of the lock named ``N`` (``"{app.name}:lock:{key}"``):
   ``N``               string, the owner id ``"{instance_id}:{nonce}:{token}"`` (python-redis-lock's ``lock:<name>``);
                       expires after the ttl (PX, rounded up to whole milliseconds).
   ``lock-signal:N``   python-redis-lock's signal list (one element, expires after ``signal_expire`` seconds).
+  ``lock-handoff:N``  set by a release for ``HANDOFF_MS``: while it lives and a blocked waiter took the signal,
+                      only that woken waiter may take the lock, so a releaser looping on the lock cannot starve
+                      the waiters (fairness only; exclusion never depends on it).
   ``{app}:lock-tokens`` the fencing-token sequence (named by the manager); one per app, never expires.
 
 Redis's blocking-command timeouts are checked on its timer (``hz``, 10 by default), so a wait that ends by
@@ -40,17 +44,46 @@ from nocluster.errors import BackendUnavailable
 from nocluster.globs import glob_escape
 from nocluster.locks.backend import Lease, LockBackend, LockInfo
 
-# KEYS[1] lock, KEYS[2] token sequence; ARGV[1] owner id prefix, ARGV[2] ttl in ms.
-# Returns {1, token} when acquired, else {0, pttl of the holder in ms}.
+# KEYS[1] lock, KEYS[2] token sequence, KEYS[3] hand-off marker, KEYS[4] signal list; ARGV[1] owner id prefix,
+# ARGV[2] ttl in ms, ARGV[3] "1" when the caller was just woken by a release's signal.
+# Returns {1, token} when acquired, else {0, ms to wait at most}: the holder's PTTL, or the rest of a hand-off.
+# Hand-off (ours): a release whose signal a blocked waiter took (the list is empty again) leaves the lock to
+# that waiter for a moment; a caller that was not woken must not barge in ahead of it. Only a fairness rule:
+# exclusion does not depend on it, and the marker expires by itself if the waiter never comes.
 ACQUIRE_SCRIPT = b"""
     local pttl = redis.call("pttl", KEYS[1])
     if pttl ~= -2 then
         return {0, pttl}
     end
+    if ARGV[3] ~= "1" and redis.call("exists", KEYS[4]) == 0 then
+        local handoff = redis.call("pttl", KEYS[3])
+        if handoff > 0 then
+            return {0, handoff}
+        end
+    end
+    redis.call("del", KEYS[3])
     local token = redis.call("incr", KEYS[2])
     redis.call("set", KEYS[1], ARGV[1] .. ":" .. token, "PX", ARGV[2])
     return {1, token}
 """
+
+# python-redis-lock's UNLOCK_SCRIPT (owner-checked: compare, delete, push one element onto the signal list),
+# plus the hand-off marker. KEYS[1] lock, KEYS[2] signal, KEYS[3] hand-off; ARGV[1] owner id, ARGV[2] signal
+# expiry in ms, ARGV[3] hand-off window in ms. Returns 0 when released, 1 when the lock was not ours.
+RELEASE_SCRIPT = b"""
+    if redis.call("get", KEYS[1]) ~= ARGV[1] then
+        return 1
+    end
+    redis.call("del", KEYS[2])
+    redis.call("lpush", KEYS[2], 1)
+    redis.call("pexpire", KEYS[2], ARGV[2])
+    redis.call("del", KEYS[1])
+    redis.call("set", KEYS[3], 1, "PX", ARGV[3])
+    return 0
+"""
+
+# How long a release keeps the lock for the waiter it woke (ms): longer than a scheduling delay on a busy box.
+HANDOFF_MS = 5
 
 # KEYS[1] lock; ARGV[1] owner id, ARGV[2] ttl in ms. Returns 1 when extended, 0 when the lock was lost.
 EXTEND_MS_SCRIPT = b"""
@@ -95,6 +128,7 @@ class MillisecondLock(redis_lock.Lock):
     """
 
     acquire_script: Any = None
+    release_script: Any = None
     extend_ms_script: Any = None
     force_release_script: Any = None
 
@@ -124,7 +158,8 @@ class MillisecondLock(redis_lock.Lock):
         if cls.acquire_script is None:
             extend = redis_client.register_script(EXTEND_MS_SCRIPT)
             force_release = redis_client.register_script(FORCE_RELEASE_SCRIPT)
-            cls.extend_ms_script, cls.force_release_script = extend, force_release
+            release = redis_client.register_script(RELEASE_SCRIPT)
+            cls.extend_ms_script, cls.force_release_script, cls.release_script = extend, force_release, release
             cls.acquire_script = redis_client.register_script(ACQUIRE_SCRIPT)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None, max_block: float = 10.0) -> bool:
@@ -133,9 +168,12 @@ class MillisecondLock(redis_lock.Lock):
         On success ``self.id`` becomes ``"<id>:<token>"``, the value python-redis-lock's release compares.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        woken = False
         while True:
             acquired, value = self.acquire_script(
-                keys=(self._name, self._token_key), args=(self._id, self._expire_ms), client=self._client
+                keys=(self._name, self._token_key, f"lock-handoff:{self._name}", self._signal),
+                args=(self._id, self._expire_ms, "1" if woken else "0"),
+                client=self._client,
             )
             if acquired:
                 self.token = int(value)
@@ -150,8 +188,9 @@ class MillisecondLock(redis_lock.Lock):
                 wait = min(wait, remaining)
             if not blocking:
                 return False
+            woken = False
             if value != -2:
-                self._client.blpop([self._signal], timeout=max(MIN_BLOCK, min(wait, max_block)))
+                woken = self._client.blpop([self._signal], timeout=max(MIN_BLOCK, min(wait, max_block))) is not None
 
     def extend(self, expire: float | None = None) -> None:
         """Set the time left to ``expire`` seconds (default: the ttl). Raises ``redis_lock.NotAcquired`` if lost."""
@@ -222,15 +261,15 @@ class RedisLockBackend(LockBackend):
         return Lease(name, lock.token, lock.id)
 
     def release(self, lease: Lease) -> bool:
-        # python-redis-lock's Lock.release() without building a Lock: its UNLOCK_SCRIPT, same keys and arguments.
+        # python-redis-lock's Lock.release() (its UNLOCK_SCRIPT's keys and checks) plus the hand-off marker.
         with self._errors(lease.name):
-            error = redis_lock.Lock.unlock_script(
+            error = MillisecondLock.release_script(
                 client=self._client,
-                keys=(lease.name, f"lock-signal:{lease.name}"),
-                args=(lease.owner, self._signal_expire),
+                keys=(lease.name, f"lock-signal:{lease.name}", f"lock-handoff:{lease.name}"),
+                args=(lease.owner, self._signal_expire, HANDOFF_MS),
             )
         if error not in (0, 1):
-            raise RuntimeError(f"lock {lease.name!r}: unexpected code {error!r} from python-redis-lock's unlock script")
+            raise RuntimeError(f"lock {lease.name!r}: unexpected code {error!r} from the release script")
         return error == 0
 
     def extend(self, lease: Lease, ttl: float) -> bool:
