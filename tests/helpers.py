@@ -26,7 +26,16 @@ from nocluster.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "NodeProcess", "start_nodes", "stop_nodes", "wait_until"]
+__all__ = ["ROOT", "NodeProcess", "free_port", "start_nodes", "stop_nodes", "wait_until"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a private server or a server that must be down)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class NodeProcess:

@@ -13,14 +13,7 @@ from nocluster.cache.cache import Cache
 from settings.test import CACHES
 from tests.cache.conftest import redis_store
 from tests.cache.roundtrips import CountingConnection, count_round_trips
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port
 
 
 def test_an_unreachable_redis_raises_instead_of_returning_stale_or_nothing() -> None:

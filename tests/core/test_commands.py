@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import ROOT, NodeProcess, wait_until
+from tests.helpers import ROOT, NodeProcess, free_port, wait_until
 
 QUEUE_CHANNEL = "tasks.async_task_manager.checksum"  # subscribed in every process by the async_task_manager plugin
 
@@ -124,12 +124,7 @@ def test_publish_says_the_in_process_backends_cannot_reach_nodes(node_env: dict[
 
 
 def test_cluster_check_fails_naming_the_unreachable_backends(node_env: dict[str, str]) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    down = f"amqp://guest:guest@127.0.0.1:{port}//"
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
     result = manage({**node_env, "BROKER_URL": down, "PUBSUB_URL": down}, "cluster", "--check")
     assert "UNREACHABLE" in result.stdout
     assert one_line_error(result) == "CommandError: unreachable: pubsub, event_queue"

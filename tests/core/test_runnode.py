@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,13 +13,7 @@ import pytest
 
 from nocluster.models import Node
 from tests.core.test_commands import manage, one_line_error
-from tests.helpers import ROOT, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import ROOT, free_port, wait_until
 
 
 def get(url: str) -> int:

@@ -18,17 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import NodeProcess, start_nodes, stop_nodes, wait_until
+from tests.helpers import NodeProcess, free_port, start_nodes, stop_nodes, wait_until
 from tests.pubsub.test_nodes import SCENARIO, field_names, in_sync, received, wait_everywhere
 
 MESSAGES = 10_000
 SIZE = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
