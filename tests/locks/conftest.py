@@ -18,7 +18,7 @@ def redis_locks(url: str) -> dict[str, Any]:
 
 
 def delete_lock_keys(url: str, app_name: str) -> None:
-    """Delete this app's lock keys: the locks, python-redis-lock's signal lists and the token sequence."""
+    """Delete this app's lock keys: the locks, their waiter queues, records and hand-off lists, the token sequence."""
     import redis
 
     client = redis.Redis.from_url(url)

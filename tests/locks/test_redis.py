@@ -6,6 +6,7 @@ the same ``app.name`` as this test's ``redis_app``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -21,9 +22,10 @@ import pytest
 import redis
 from django.db import connection
 
-from nocluster import Application, BackendUnavailable, LockNotOwned
+from nocluster import Application, BackendUnavailable, LockAcquireError, LockNotOwned
+from nocluster.locks.backends.redis import MillisecondLock
 from settings.test import RUN_ID
-from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes
+from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes, wait_until
 from tests.locks.conftest import delete_lock_keys, redis_locks
 
 SCENARIO = "tests.locks.scenarios:handle"
@@ -149,10 +151,9 @@ def test_the_lock_is_stored_with_a_millisecond_ttl_holder_and_token(redis_app: A
     instance_id, _nonce, token = client.get(name).split(":")
     assert (instance_id, int(token)) == (redis_app.instance_id, lock.token)
     assert int(client.get(f"{redis_app.name}:lock-tokens")) == lock.token
-    # And a release deletes it and leaves python-redis-lock's wake-up signal for a waiter
+    # And a release with nobody waiting deletes it and leaves no other key behind
     lock.release()
-    assert not client.exists(name)
-    assert client.lrange(f"lock-signal:{name}", 0, -1) == ["1"]
+    assert client.keys(f"*{name}*") == []
     client.close()
 
 
@@ -167,6 +168,115 @@ def test_a_release_wakes_a_blocked_waiter_at_once(redis_app: Application) -> Non
         # Then the waiter gets it long before the ttl would have freed it (BLPOP on the signal list, no polling)
         lock = waiting.result(timeout=10)
     lock.release()
+
+
+def queue_length(client: redis.Redis, app: Application, key: str) -> int:
+    return client.llen(f"lock-queue:{app.name}:lock:{key}")
+
+
+def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = redis_app.lock_manager
+    order: list[tuple[str, int]] = []
+
+    def wait_then_release(name: str) -> None:
+        with locks.acquire("job", ttl=10, timeout=30) as lock:
+            order.append((name, lock.token))
+            time.sleep(0.05)  # a later waiter would take over here if the order were not kept
+
+    # Given a holder and three waiters that queued up one after the other
+    held = locks.acquire("job", ttl=60)
+    threads = [threading.Thread(target=wait_then_release, args=(name,), name=f"waiter-{name}") for name in "abc"]
+    for number, thread in enumerate(threads, start=1):
+        thread.start()
+        wait_until(lambda number=number: queue_length(client, redis_app, "job") == number)
+    # When the holder releases
+    held.release()
+    for thread in threads:
+        thread.join(30)
+    # Then each got the lock in turn, in the order they came, each with a higher token
+    assert [name for name, _ in order] == ["a", "b", "c"]
+    assert [token for _, token in order] == [held.token + 1, held.token + 2, held.token + 3]
+    # And nothing is left behind: no lock, no queue, no waiter record, no hand-off list
+    assert client.keys(f"*{redis_app.name}:lock:job*") == []
+    client.close()
+
+
+def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    held = redis_app.lock_manager.acquire("job", ttl=60)
+    # When a waiter gives up after 0.3 s
+    with pytest.raises(LockAcquireError):
+        redis_app.lock_manager.acquire("job", ttl=60, timeout=0.3)
+    # Then it is out of the queue, and the holder's release frees the lock instead of handing it to nobody
+    assert queue_length(client, redis_app, "job") == 0
+    held.release()
+    assert redis_app.lock_manager.get_lock("job") is None
+    assert client.keys(f"*{redis_app.name}:lock:job*") == []
+    client.close()
+
+
+def request_until_killed(node: NodeProcess, expr: str) -> None:
+    with contextlib.suppress(AssertionError):  # the node is killed before it replies
+        node.request({"cmd": "eval", "expr": expr}, timeout=60)
+
+
+def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
+    cluster_env: dict[str, str], redis_app: Application, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = redis_app.lock_manager
+    # Given a holder, a waiter in a node process (ttl 1 s) and a waiter in this process behind it
+    held = locks.acquire("job", ttl=60)
+    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    try:
+        expr = "app.lock_manager.acquire('job', ttl=1.0, timeout=60).token"
+        threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
+        wait_until(lambda: queue_length(client, redis_app, "job") == 1)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(locks.acquire, "job", 10, 30)
+            wait_until(lambda: queue_length(client, redis_app, "job") == 2)
+            # When the node process is killed while it waits, and the holder releases at once
+            node.kill()
+            held.release()
+            released_at = time.monotonic()
+            # Then the lock went to the dead waiter, first in line (its record has not expired yet) ...
+            dead = locks.get_lock("job")
+            assert dead.instance_id == node.instance_id
+            # ... and the next waiter gets it once that ttl of 1 s has run out, long before the holder's 60 s
+            lock = waiting.result(timeout=30)
+        assert 0.9 <= time.monotonic() - released_at < 5
+        assert lock.token == dead.token + 1
+        lock.release()
+    finally:
+        node.stop()
+        client.close()
+
+
+def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(redis_url: str, app_name: str) -> None:
+    # The Lua level: a release hands the lock to a queued waiter that is not blocked in BLPOP at that moment
+    client = redis.Redis.from_url(redis_url)
+    MillisecondLock.register_ms_scripts(client)
+    name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
+    try:
+        holder = MillisecondLock(client, name, 60, "holder:1", 1, sequence)  # its hand-offs wait 1 ms
+        assert holder.acquire(timeout=0)
+        waiter = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+        # Given the waiter queued (one "wait" attempt), then gone for longer than its hand-off list lives
+        queued = MillisecondLock.acquire_script(
+            keys=(name, sequence), args=("waiter:2", 5000, "2", 4000, "wait"), client=client
+        )
+        assert queued[0] == 0 and client.lrange(f"lock-queue:{name}", 0, -1) == [b"2"]
+        holder.release()
+        time.sleep(0.05)
+        assert not client.exists(f"lock-grant:{name}:2")
+        # When it comes back, it finds the lock held under its own owner id: it holds it, with the next token
+        assert waiter.acquire(timeout=0.5) and waiter.token == holder.token + 1
+        assert client.get(name) == f"waiter:2:{waiter.token}".encode()
+        waiter.release()
+    finally:
+        client.delete(name, sequence, *client.keys(f"*{name}*"))
+        client.close()
 
 
 def test_a_wait_longer_than_the_socket_timeout_does_not_trip_it(redis_url: str, app_name: str) -> None:

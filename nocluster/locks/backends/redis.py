@@ -1,29 +1,39 @@
-"""RedisLockBackend: python-redis-lock 4.0.1, extended to millisecond ttls, sub-second waits and fencing tokens.
+"""RedisLockBackend: python-redis-lock 4.0.1, extended to millisecond ttls, fencing tokens and a FIFO hand-off.
 
 python-redis-lock turns ``expire`` and the wait ``timeout`` into whole seconds with ``int()``, so the spec's
-``ttl=0.5`` would become 0. :class:`MillisecondLock` subclasses its ``Lock`` and keeps what makes it good:
+``ttl=0.5`` would become 0. :class:`MillisecondLock` subclasses its ``Lock`` and keeps its model: the lock is
+one string key holding the owner id, set with ``NX`` and an expiry; a release is owner-checked (compare the
+stored owner id, then let go: its ``UNLOCK_SCRIPT``); waiters block in ``BLPOP`` until a release wakes them
+instead of polling.
 
-- the owner-checked release: its ``UNLOCK_SCRIPT`` (compare the stored owner id, delete, push one element onto
-  the signal list), with one line added (the hand-off marker, below), and its ``RESET_SCRIPT`` semantics for a
-  force release;
-- its wake-up: waiters block in ``BLPOP`` on the signal list instead of polling.
+What is ours (Lua, one round trip each):
 
-What is ours (Lua, on the same layout): acquire is one script that does ``SET NX PX <ms>`` and, on success,
-``INCR`` of the app's token sequence, the fencing token, in the same round trip; extend is ``PEXPIRE`` (ms); a wait
-is ``BLPOP`` for at most the holder's remaining ``PTTL``, the caller's remaining timeout and half the socket
-timeout, so sub-second waits work and a wait never trips ``socket_timeout`` (redis-py#2807).
+- acquire: ``SET`` with ``PX <ms>`` when the lock is free, plus ``INCR`` of the app's token sequence, the
+  fencing token, in the same script;
+- the hand-off: python-redis-lock's release pushes one element onto a shared signal list, and whoever comes
+  first (often the releaser itself, looping) takes the lock while the woken waiter is still being scheduled.
+  Ours queues each waiter and its release gives the lock straight to the longest-waiting live waiter (its
+  owner id, its ttl, a new token) and pushes that token onto the waiter's own list, which it is blocked on.
+  Waiters are served in arrival order, and the woken one already holds the lock: no second round trip;
+- a wait is ``BLPOP`` for at most the holder's remaining ``PTTL``, the caller's remaining timeout, half the
+  socket timeout and :data:`WAIT_CHUNK`, so sub-second waits work and a wait never trips ``socket_timeout``
+  (redis-py#2807); extend is ``PEXPIRE`` (ms).
 
 Keys of the lock named ``N`` (``"{app.name}:lock:{key}"``):
-  ``N``               string, the owner id ``"{instance_id}:{nonce}:{token}"`` (python-redis-lock's ``lock:<name>``);
-                      expires after the ttl (PX, rounded up to whole milliseconds).
-  ``lock-signal:N``   python-redis-lock's signal list (one element, expires after ``signal_expire`` seconds).
-  ``lock-handoff:N``  set by a release for ``HANDOFF_MS``: while it lives and a blocked waiter took the signal,
-                      only that woken waiter may take the lock, so a releaser looping on the lock cannot starve
-                      the waiters (fairness only; exclusion never depends on it).
-  ``{app}:lock-tokens`` the fencing-token sequence (named by the manager); one per app, never expires.
+  ``N``                    string, the owner id ``"{instance_id}:{nonce}:{token}"`` (python-redis-lock's
+                           ``lock:<name>``); expires after the holder's ttl (PX, whole milliseconds, rounded up).
+  ``lock-queue:N``         list of waiter ids, oldest first.
+  ``lock-waiter:N:W``      waiter ``W`` (its nonce): JSON ``[ttl ms, token sequence, owner prefix]``. It expires
+                           :data:`WAITER_GRACE` after the waiter's current ``BLPOP`` would end, and the waiter renews
+                           it each time it comes back, so a waiter killed while queued is skipped once it expires
+                           (until then a release may hand it the lock, which then frees itself after that ttl).
+  ``lock-grant:N:W``       the waiter's list: the release pushes its token there (expires after ``signal_expire``;
+                           a waiter that comes back later still finds the lock under its owner id).
+  ``{app}:lock-tokens``    the fencing-token sequence (named by the manager); one per app, never expires.
 
-Redis's blocking-command timeouts are checked on its timer (``hz``, 10 by default), so a wait that ends by
-timeout, not by a release, may end up to ~100 ms late. A release wakes one waiter at once.
+A release reaches keys it computes from the waiter ids (not declared in ``KEYS``): one Redis server, not Redis
+Cluster. Redis's blocking-command timeouts are checked on its timer (``hz``, 10 by default), so a wait that ends
+by timeout, not by a release, may end up to ~100 ms late. A release wakes the next waiter at once.
 """
 
 from __future__ import annotations
@@ -44,46 +54,87 @@ from nocluster.errors import BackendUnavailable
 from nocluster.globs import glob_escape
 from nocluster.locks.backend import Lease, LockBackend, LockInfo
 
-# KEYS[1] lock, KEYS[2] token sequence, KEYS[3] hand-off marker, KEYS[4] signal list; ARGV[1] owner id prefix,
-# ARGV[2] ttl in ms, ARGV[3] "1" when the caller was just woken by a release's signal.
-# Returns {1, token} when acquired, else {0, ms to wait at most}: the holder's PTTL, or the rest of a hand-off.
-# Hand-off (ours): a release whose signal a blocked waiter took (the list is empty again) leaves the lock to
-# that waiter for a moment; a caller that was not woken must not barge in ahead of it. Only a fairness rule:
-# exclusion does not depend on it, and the marker expires by itself if the waiter never comes.
-ACQUIRE_SCRIPT = b"""
-    local pttl = redis.call("pttl", KEYS[1])
-    if pttl ~= -2 then
-        return {0, pttl}
-    end
-    if ARGV[3] ~= "1" and redis.call("exists", KEYS[4]) == 0 then
-        local handoff = redis.call("pttl", KEYS[3])
-        if handoff > 0 then
-            return {0, handoff}
+# Hands lock ``lock`` to the oldest live waiter in its queue, skipping waiters whose record expired (they died or
+# gave up). True when handed over; false when nobody waits (the caller then deletes the lock). ``box_ms``: how
+# long the token waits in the waiter's list.
+GRANT_FUNCTION = b"""
+local function grant(lock, box_ms)
+    local queue = "lock-queue:" .. lock
+    while true do
+        local waiter = redis.call("lpop", queue)
+        if not waiter then
+            return false
+        end
+        local record = "lock-waiter:" .. lock .. ":" .. waiter
+        local found = redis.call("get", record)
+        if found then
+            redis.call("del", record)
+            local ttl_ms, sequence, owner = unpack(cjson.decode(found))
+            local token = redis.call("incr", sequence)
+            redis.call("set", lock, owner .. ":" .. token, "PX", ttl_ms)
+            local box = "lock-grant:" .. lock .. ":" .. waiter
+            redis.call("rpush", box, token)
+            redis.call("pexpire", box, box_ms)
+            return true
         end
     end
-    redis.call("del", KEYS[3])
-    local token = redis.call("incr", KEYS[2])
-    redis.call("set", KEYS[1], ARGV[1] .. ":" .. token, "PX", ARGV[2])
-    return {1, token}
+end
 """
 
-# python-redis-lock's UNLOCK_SCRIPT (owner-checked: compare, delete, push one element onto the signal list),
-# plus the hand-off marker. KEYS[1] lock, KEYS[2] signal, KEYS[3] hand-off; ARGV[1] owner id, ARGV[2] signal
-# expiry in ms, ARGV[3] hand-off window in ms. Returns 0 when released, 1 when the lock was not ours.
-RELEASE_SCRIPT = b"""
-    if redis.call("get", KEYS[1]) ~= ARGV[1] then
-        return 1
+# KEYS[1] lock, KEYS[2] token sequence. ARGV[1] owner prefix "{instance_id}:{nonce}", ARGV[2] ttl in ms,
+# ARGV[3] waiter id (the nonce), ARGV[4] ms the waiter record lives, ARGV[5] mode: "try" (one attempt), "wait"
+# (queue up, or stay queued), "leave" (a last attempt, then out of the queue). Returns {1, token} when held,
+# else {0, the holder's PTTL}. The queue, record and grant list keys are derived from the lock's name.
+ACQUIRE_SCRIPT = b"""
+local queue = "lock-queue:" .. KEYS[1]
+local record = "lock-waiter:" .. KEYS[1] .. ":" .. ARGV[3]
+local granted = redis.call("lpop", "lock-grant:" .. KEYS[1] .. ":" .. ARGV[3])
+if granted then
+    return {1, tonumber(granted)}
+end
+local holder = redis.call("get", KEYS[1])
+if holder then
+    local mine = ARGV[1] .. ":"
+    if string.sub(holder, 1, #mine) == mine then
+        -- handed to us while we were away for longer than the grant list lives
+        return {1, tonumber(string.sub(holder, #mine + 1))}
     end
-    redis.call("del", KEYS[2])
-    redis.call("lpush", KEYS[2], 1)
-    redis.call("pexpire", KEYS[2], ARGV[2])
-    redis.call("del", KEYS[1])
-    redis.call("set", KEYS[3], 1, "PX", ARGV[3])
-    return 0
+    if ARGV[5] == "wait" then
+        if redis.call("exists", record) == 0 then
+            redis.call("rpush", queue, ARGV[3])
+        end
+        redis.call("set", record, cjson.encode({ARGV[2], KEYS[2], ARGV[1]}), "PX", ARGV[4])
+        if redis.call("pttl", queue) < tonumber(ARGV[4]) then
+            redis.call("pexpire", queue, ARGV[4])
+        end
+    elseif ARGV[5] == "leave" and redis.call("del", record) == 1 then
+        redis.call("lrem", queue, 1, ARGV[3])
+    end
+    return {0, redis.call("pttl", KEYS[1])}
+end
+if ARGV[5] ~= "try" and redis.call("del", record) == 1 then
+    redis.call("lrem", queue, 1, ARGV[3])
+end
+local token = redis.call("incr", KEYS[2])
+redis.call("set", KEYS[1], ARGV[1] .. ":" .. token, "PX", ARGV[2])
+return {1, token}
 """
 
-# How long a release keeps the lock for the waiter it woke (ms): longer than a scheduling delay on a busy box.
-HANDOFF_MS = 5
+# python-redis-lock's UNLOCK_SCRIPT (owner-checked: compare the stored owner id, then let go), letting go by
+# handing the lock to the next waiter. KEYS[1] lock; ARGV[1] owner id, ARGV[2] grant list expiry in ms.
+# Returns 0 when released, 1 when the lock was not ours.
+RELEASE_SCRIPT = (
+    GRANT_FUNCTION
+    + b"""
+if redis.call("get", KEYS[1]) ~= ARGV[1] then
+    return 1
+end
+if not grant(KEYS[1], ARGV[2]) then
+    redis.call("del", KEYS[1])
+end
+return 0
+"""
+)
 
 # KEYS[1] lock; ARGV[1] owner id, ARGV[2] ttl in ms. Returns 1 when extended, 0 when the lock was lost.
 EXTEND_MS_SCRIPT = b"""
@@ -94,9 +145,12 @@ EXTEND_MS_SCRIPT = b"""
     return 1
 """
 
-# python-redis-lock's RESET_SCRIPT (delete, wake one waiter) when the holder's token is ARGV[1] (or ARGV[1] is
-# empty): an operator's release of the holder they saw never frees the holder that came after it.
-FORCE_RELEASE_SCRIPT = b"""
+# python-redis-lock's RESET_SCRIPT (let go whoever holds it) when the holder's token is ARGV[1] (or ARGV[1] is
+# empty), so an operator's release of the holder they saw never frees the holder that came after it; the next
+# waiter gets the lock. KEYS[1] lock; ARGV[2] grant list expiry in ms. Returns 1 when released.
+FORCE_RELEASE_SCRIPT = (
+    GRANT_FUNCTION
+    + b"""
 local value = redis.call("get", KEYS[1])
 if not value then
     return 0
@@ -104,15 +158,19 @@ end
 if ARGV[1] ~= "" and string.match(value, ":(%d+)$") ~= ARGV[1] then
     return 0
 end
-redis.call("del", KEYS[2])
-redis.call("lpush", KEYS[2], 1)
-redis.call("pexpire", KEYS[2], ARGV[2])
-redis.call("del", KEYS[1])
+if not grant(KEYS[1], ARGV[2]) then
+    redis.call("del", KEYS[1])
+end
 return 1
 """
+)
 
 # Shortest BLPOP timeout we send, in seconds (0 would mean "forever" to Redis).
 MIN_BLOCK = 0.001
+# Longest BLPOP of a waiter (seconds): it then renews its waiter record, so a dead waiter is forgotten soon.
+WAIT_CHUNK = 2.0
+# How long a waiter record outlives the BLPOP it was written for (seconds): the time to come back and renew it.
+WAITER_GRACE = 2.0
 
 
 def to_ms(seconds: float) -> int:
@@ -122,9 +180,12 @@ def to_ms(seconds: float) -> int:
 
 class MillisecondLock(redis_lock.Lock):
     """python-redis-lock's ``Lock`` with a float ``expire`` in seconds kept to the millisecond, sub-second
-    ``acquire(timeout=...)``, and a fencing token (``self.token``) taken in the acquiring round trip.
+    ``acquire(timeout=...)``, a fencing token (``self.token``) taken in the acquiring round trip, and waiters
+    served in arrival order.
 
     The lock lives at ``name`` itself (not ``lock:<name>``) so its key is the spec's ``"{app}:lock:{key}"``.
+    ``id`` is the owner prefix (``"{instance_id}:{nonce}"``, unique per acquisition); once acquired, ``self.id``
+    is the stored owner id ``"<prefix>:<token>"``.
     """
 
     acquire_script: Any = None
@@ -146,15 +207,15 @@ class MillisecondLock(redis_lock.Lock):
         redis_lock.Lock.register_scripts(redis_client)
         super().__init__(redis_client, name, expire=None, id=id, signal_expire=signal_expire)
         self._name = name
-        self._signal = f"lock-signal:{name}"
         self._token_key = sequence
         self._expire = expire
         self._expire_ms = to_ms(expire)
+        self._waiter = id.rsplit(":", 1)[-1]
         self.token: int | None = None
 
     @classmethod
     def register_ms_scripts(cls, redis_client: redis.Redis) -> None:
-        """Register our scripts once per process, both before either is used (a Script works on any client)."""
+        """Register our scripts once per process, all before any is used (a Script works on any client)."""
         if cls.acquire_script is None:
             extend = redis_client.register_script(EXTEND_MS_SCRIPT)
             force_release = redis_client.register_script(FORCE_RELEASE_SCRIPT)
@@ -162,35 +223,52 @@ class MillisecondLock(redis_lock.Lock):
             cls.extend_ms_script, cls.force_release_script, cls.release_script = extend, force_release, release
             cls.acquire_script = redis_client.register_script(ACQUIRE_SCRIPT)
 
+    def _held_as(self, token: Any) -> bool:
+        self.token = int(token)
+        self._id = f"{self._id}:{self.token}"
+        return True
+
     def acquire(self, blocking: bool = True, timeout: float | None = None, max_block: float = 10.0) -> bool:
         """Take the lock; wait up to ``timeout`` seconds (None: forever) when ``blocking``. True when held.
 
-        On success ``self.id`` becomes ``"<id>:<token>"``, the value python-redis-lock's release compares.
+        A waiter queues up on its first attempt and is handed the lock by a release, oldest waiter first. When
+        ``timeout`` passes it leaves the queue; if the lock was handed to it at that instant it keeps it (True).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        woken = False
+        mode = "wait" if blocking and (timeout is None or timeout > 0) else "try"
+        keys = (self._name, self._token_key)
+        grant_list = f"lock-grant:{self._name}:{self._waiter}"
         while True:
+            chunk = min(max_block, WAIT_CHUNK)
             acquired, value = self.acquire_script(
-                keys=(self._name, self._token_key, f"lock-handoff:{self._name}", self._signal),
-                args=(self._id, self._expire_ms, "1" if woken else "0"),
+                keys=keys,
+                args=(self._id, self._expire_ms, self._waiter, to_ms(chunk + WAITER_GRACE), mode),
                 client=self._client,
             )
             if acquired:
-                self.token = int(value)
-                self._id = f"{self._id}:{self.token}"
-                return True
-            # value is the holder's PTTL: -2 it just vanished (retry now), -1 it has no expiry (foreign key).
-            wait = max_block if value == -1 else value / 1000
+                return self._held_as(value)
+            if mode != "wait":
+                return False
+            # value is the holder's PTTL (-1: it has no expiry, a foreign key).
+            wait = chunk if value < 0 else min(chunk, value / 1000)
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return False
+                    mode = "leave"
+                    continue
                 wait = min(wait, remaining)
-            if not blocking:
-                return False
-            woken = False
-            if value != -2:
-                woken = self._client.blpop([self._signal], timeout=max(MIN_BLOCK, min(wait, max_block))) is not None
+            granted = self._client.blpop([grant_list], timeout=max(MIN_BLOCK, wait))
+            if granted is not None:
+                return self._held_as(granted[1])
+
+    def release(self) -> None:
+        """Release the lock, handing it to the next waiter. Raises ``redis_lock.NotAcquired`` if it was lost."""
+        if self.release_script(keys=(self._name,), args=(self._id, self._signal_expire), client=self._client):
+            raise redis_lock.NotAcquired(f"Lock {self._name} is not acquired or it already expired.")
+
+    def reset(self) -> None:
+        """Let go of the lock whoever holds it (python-redis-lock's ``reset``); the next waiter gets it."""
+        self.force_release_script(keys=(self._name,), args=("", self._signal_expire), client=self._client)
 
     def extend(self, expire: float | None = None) -> None:
         """Set the time left to ``expire`` seconds (default: the ttl). Raises ``redis_lock.NotAcquired`` if lost."""
@@ -210,14 +288,15 @@ def _parse(name: str, value: bytes | str | None, pttl: int) -> LockInfo | None:
 
 
 class RedisLockBackend(LockBackend):
-    """Locks in one Redis server, shared by every node.
+    """Locks in one Redis server, shared by every node; waiters are served in arrival order.
 
     Parameters (``NOCLUSTER["LOCKS"]["OPTIONS"]``, keyword-only):
       url: the Redis URL (``redis://host:port/db``).
       socket_timeout: seconds a Redis call may take before redis-py gives up (default 30). A wait is cut into
         ``BLPOP`` calls of at most half of it, so a long wait never trips it. None: no limit.
       connect_timeout: seconds to connect (default 5).
-      signal_expire: seconds a release's wake-up signal stays for a waiter that was not yet blocking (default 1).
+      signal_expire: seconds a hand-off waits in a waiter's list (default 1); a waiter that comes back later
+        still finds the lock under its owner id.
     """
 
     def __init__(
@@ -249,11 +328,9 @@ class RedisLockBackend(LockBackend):
         except redis.RedisError as exc:  # READONLY after a failover, OOM...: the lock state is unknown
             raise BackendUnavailable(f"lock {name!r}: Redis at {self.url} refused the command: {exc}") from exc
 
-    def _lock(self, name: str, ttl: float, owner: str, sequence: str = "") -> MillisecondLock:
-        return MillisecondLock(self._client, name, ttl, owner, self._signal_expire, sequence)
-
     def acquire(self, name: str, instance_id: str, ttl: float, timeout: float | None, sequence: str) -> Lease | None:
-        lock = self._lock(name, ttl, f"{instance_id}:{secrets.token_hex(8)}", sequence)
+        owner = f"{instance_id}:{secrets.token_hex(8)}"
+        lock = MillisecondLock(self._client, name, ttl, owner, self._signal_expire, sequence)
         with self._errors(name):
             if not lock.acquire(timeout=timeout, max_block=self._max_block):
                 return None
@@ -261,12 +338,9 @@ class RedisLockBackend(LockBackend):
         return Lease(name, lock.token, lock.id)
 
     def release(self, lease: Lease) -> bool:
-        # python-redis-lock's Lock.release() (its UNLOCK_SCRIPT's keys and checks) plus the hand-off marker.
         with self._errors(lease.name):
             error = MillisecondLock.release_script(
-                client=self._client,
-                keys=(lease.name, f"lock-signal:{lease.name}", f"lock-handoff:{lease.name}"),
-                args=(lease.owner, self._signal_expire, HANDOFF_MS),
+                keys=(lease.name,), args=(lease.owner, self._signal_expire), client=self._client
             )
         if error not in (0, 1):
             raise RuntimeError(f"lock {lease.name!r}: unexpected code {error!r} from the release script")
@@ -300,7 +374,7 @@ class RedisLockBackend(LockBackend):
     def force_release(self, name: str, token: int | None = None) -> bool:
         with self._errors(name):
             released = MillisecondLock.force_release_script(
-                keys=(name, f"lock-signal:{name}"),
+                keys=(name,),
                 args=("" if token is None else str(token), self._signal_expire),
                 client=self._client,
             )
