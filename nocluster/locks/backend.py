@@ -13,6 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+# Longest ttl a lock may have, in seconds (~31 years): Redis refuses expiries near 2**63 ms, and a bound here
+# keeps every backend alike.
+MAX_TTL = 1e9
+
 
 @dataclass(frozen=True)
 class Lease:

@@ -8,7 +8,7 @@ import weakref
 from types import TracebackType
 
 from nocluster.errors import LockNotOwned
-from nocluster.locks.backend import Lease, LockBackend
+from nocluster.locks.backend import MAX_TTL, Lease, LockBackend
 from nocluster.locks.renewal import LockRenewer
 
 logger = logging.getLogger("nocluster.locks")
@@ -76,8 +76,8 @@ class Lock:
           LockNotOwned: the lock was lost or released.
         """
         ttl = self.ttl if ttl is None else ttl
-        if ttl <= 0:
-            raise ValueError(f"lock {self.key!r}: ttl must be > 0 seconds, got {ttl!r}")
+        if not 0 < ttl <= MAX_TTL:
+            raise ValueError(f"lock {self.key!r}: ttl must be > 0 and at most {MAX_TTL:g} seconds, got {ttl!r}")
         if self._released or not self.backend.extend(self._lease, ttl):
             self._lost_reason = self._lost_reason or "extend found it taken or released"
             raise self._not_owned()

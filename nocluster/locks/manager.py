@@ -15,7 +15,7 @@ from numbers import Real
 from typing import TYPE_CHECKING, TypeVar
 
 from nocluster.errors import LockAcquireError
-from nocluster.locks.backend import LockBackend, LockInfo
+from nocluster.locks.backend import MAX_TTL, LockBackend, LockInfo
 from nocluster.locks.lock import Lock
 from nocluster.locks.renewal import stop_renewers
 
@@ -32,7 +32,7 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _check_seconds(key: str, what: str, value: object, allow_zero: bool) -> float:
+def _check_seconds(key: str, what: str, value: object, allow_zero: bool, most: float = math.inf) -> float:
     if type(value) is not float and type(value) is not int and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"lock {key!r}: {what} must be a number of seconds, got {value!r}")
     if not math.isfinite(value):
@@ -40,6 +40,8 @@ def _check_seconds(key: str, what: str, value: object, allow_zero: bool) -> floa
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"lock {key!r}: {what} must be {bound} seconds, got {value!r}")
+    if value > most:
+        raise ValueError(f"lock {key!r}: {what} must be at most {most:g} seconds, got {value!r}")
     return float(value)
 
 
@@ -76,8 +78,8 @@ class LockManager:
 
         Parameters:
           key: what to lock (non-empty str).
-          ttl: seconds after which the lock frees itself if not released (safety release; > 0). With
-            ``auto_renew`` it is renewed every ``ttl / 3`` seconds while held.
+          ttl: seconds after which the lock frees itself if not released (safety release; > 0, at most 1e9).
+            With ``auto_renew`` it is renewed every ``ttl / 3`` seconds while held.
           timeout: seconds to wait at most (None: forever; 0: one attempt).
           auto_renew: keep the lock while the work lasts longer than ``ttl`` (a named renewal thread; if
             renewal finds the lock lost, ``lock.lost`` turns True and the loss is logged as an error).
@@ -88,7 +90,7 @@ class LockManager:
           BackendUnavailable: the lock server cannot be reached; names the key.
         """
         key = _check_key(key)
-        ttl = _check_seconds(key, "ttl", ttl, allow_zero=False)
+        ttl = _check_seconds(key, "ttl", ttl, allow_zero=False, most=MAX_TTL)
         if timeout is not None:
             timeout = _check_seconds(key, "timeout", timeout, allow_zero=True)
         name = self.prefix + key

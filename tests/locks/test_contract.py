@@ -228,6 +228,7 @@ def test_fencing_tokens_increase_with_every_acquisition(locks: LockManager) -> N
         (lambda m: m.try_acquire("k", timeout=-1), ValueError, r"'k'.*timeout must be >= 0"),
         (lambda m: m.acquire("k", ttl=float("nan")), ValueError, r"'k'.*ttl must be a finite number"),
         (lambda m: m.acquire("k", ttl=float("inf")), ValueError, r"'k'.*ttl must be a finite number"),
+        (lambda m: m.acquire("k", ttl=2e9), ValueError, r"'k'.*ttl must be at most 1e\+09 seconds"),
         (lambda m: m.acquire("k", timeout=float("nan")), ValueError, r"'k'.*timeout must be a finite number"),
         (lambda m: m.run_exclusive("k", "not callable"), TypeError, r"'k'.*fn must be callable"),  # type: ignore
         (lambda m: m.get_lock(""), ValueError, "non-empty str"),

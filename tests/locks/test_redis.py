@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import redis
 from django.db import connection
 
 from nocluster import Application, BackendUnavailable, LockAcquireError, LockNotOwned
-from nocluster.locks.backends.redis import MillisecondLock
+from nocluster.locks.backends.redis import MillisecondLock, RedisLockBackend
 from settings.test import RUN_ID
 from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes, wait_until
 from tests.locks.conftest import delete_lock_keys, redis_locks
@@ -277,6 +278,64 @@ def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(redis
     finally:
         client.delete(name, sequence, *client.keys(f"*{name}*"))
         client.close()
+
+
+class Interrupted(Exception):
+    """Raised by a signal handler in the middle of a wait."""
+
+
+def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Application, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    held = redis_app.lock_manager.acquire("job", ttl=60)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        # When a waiter in this (main) thread is interrupted by a signal handler that raises, mid-BLPOP
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            redis_app.lock_manager.acquire("job", ttl=30, timeout=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # Then it left the queue: the holder's release frees the lock instead of handing it to a waiter that is gone
+    assert queue_length(client, redis_app, "job") == 0
+    held.release()
+    assert redis_app.lock_manager.get_lock("job") is None
+    client.close()
+
+
+def test_a_stale_hand_off_is_not_taken_for_the_lock(redis_url: str, app_name: str) -> None:
+    # The Lua level: a waiter handed the lock with a 50 ms ttl comes back after that ttl and another took it
+    client = redis.Redis.from_url(redis_url)
+    MillisecondLock.register_ms_scripts(client)
+    name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
+    try:
+        holder = MillisecondLock(client, name, 60, "holder:1", 1000, sequence)
+        assert holder.acquire(timeout=0)
+        queued = MillisecondLock.acquire_script(
+            keys=(name, sequence), args=("waiter:2", 50, "2", 4000, "wait"), client=client
+        )
+        assert queued[0] == 0
+        holder.release()  # hands it to the waiter for 50 ms; its token waits in its list for 1 s
+        time.sleep(0.1)
+        other = MillisecondLock(client, name, 60, "other:3", 1000, sequence)
+        assert other.acquire(timeout=0)
+        # When the waiter comes back, the old hand-off in its list does not make it a second holder
+        late = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+        assert late.acquire(timeout=0) is False
+        assert client.get(name) == f"other:3:{other.token}".encode()
+        other.release()
+    finally:
+        client.delete(name, sequence, *client.keys(f"*{name}*"))
+        client.close()
+
+
+def test_a_socket_timeout_too_short_for_a_wait_is_refused(redis_url: str) -> None:
+    with pytest.raises(ValueError, match=r"socket_timeout must be at least 0.5 s"):
+        RedisLockBackend(url=redis_url, socket_timeout=0.2)
 
 
 def test_a_wait_longer_than_the_socket_timeout_does_not_trip_it(redis_url: str, app_name: str) -> None:

@@ -38,6 +38,7 @@ by timeout, not by a release, may end up to ~100 ms late. A release wakes the ne
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
@@ -89,10 +90,10 @@ ACQUIRE_SCRIPT = b"""
 local queue = "lock-queue:" .. KEYS[1]
 local record = "lock-waiter:" .. KEYS[1] .. ":" .. ARGV[3]
 local granted = redis.call("lpop", "lock-grant:" .. KEYS[1] .. ":" .. ARGV[3])
-if granted then
+local holder = redis.call("get", KEYS[1])
+if granted and holder == ARGV[1] .. ":" .. granted then
     return {1, tonumber(granted)}
 end
-local holder = redis.call("get", KEYS[1])
 if holder then
     local mine = ARGV[1] .. ":"
     if string.sub(holder, 1, #mine) == mine then
@@ -167,6 +168,8 @@ return 1
 
 # Shortest BLPOP timeout we send, in seconds (0 would mean "forever" to Redis).
 MIN_BLOCK = 0.001
+# Smallest socket_timeout accepted (seconds): a BLPOP of half of it, ended up to ~100 ms late, still fits.
+MIN_SOCKET_TIMEOUT = 0.5
 # Longest BLPOP of a waiter (seconds): it then renews its waiter record, so a dead waiter is forgotten soon.
 WAIT_CHUNK = 2.0
 # How long a waiter record outlives the BLPOP it was written for (seconds): the time to come back and renew it.
@@ -234,21 +237,35 @@ class MillisecondLock(redis_lock.Lock):
         A waiter queues up on its first attempt and is handed the lock by a release, oldest waiter first. When
         ``timeout`` passes it leaves the queue; if the lock was handed to it at that instant it keeps it (True).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         mode = "wait" if blocking and (timeout is None or timeout > 0) else "try"
-        keys = (self._name, self._token_key)
+        if mode == "try":
+            return self._attempt("try", max_block)[0]
+        try:
+            return self._wait(timeout, max_block)
+        except BaseException:
+            # Raised while queued (Redis unreachable, a signal handler, KeyboardInterrupt): leave the queue, so a
+            # release does not hand the lock to a waiter that is gone, and let go of it if that just happened.
+            self._leave_after_error(max_block)
+            raise
+
+    def _attempt(self, mode: str, max_block: float) -> tuple[bool, int]:
+        """One run of the acquire script: (True, token) when held, else (False, the holder's PTTL)."""
+        acquired, value = self.acquire_script(
+            keys=(self._name, self._token_key),
+            args=(self._id, self._expire_ms, self._waiter, to_ms(min(max_block, WAIT_CHUNK) + WAITER_GRACE), mode),
+            client=self._client,
+        )
+        return (self._held_as(value), value) if acquired else (False, value)
+
+    def _wait(self, timeout: float | None, max_block: float) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
         grant_list = f"lock-grant:{self._name}:{self._waiter}"
+        mode = "wait"
         while True:
+            acquired, value = self._attempt(mode, max_block)
+            if acquired or mode == "leave":
+                return acquired
             chunk = min(max_block, WAIT_CHUNK)
-            acquired, value = self.acquire_script(
-                keys=keys,
-                args=(self._id, self._expire_ms, self._waiter, to_ms(chunk + WAITER_GRACE), mode),
-                client=self._client,
-            )
-            if acquired:
-                return self._held_as(value)
-            if mode != "wait":
-                return False
             # value is the holder's PTTL (-1: it has no expiry, a foreign key).
             wait = chunk if value < 0 else min(chunk, value / 1000)
             if deadline is not None:
@@ -260,6 +277,12 @@ class MillisecondLock(redis_lock.Lock):
             granted = self._client.blpop([grant_list], timeout=max(MIN_BLOCK, wait))
             if granted is not None:
                 return self._held_as(granted[1])
+
+    def _leave_after_error(self, max_block: float) -> None:
+        # Best effort: Redis may be why we are here; then the waiter record expires by itself.
+        with contextlib.suppress(Exception):
+            if self.token is not None or self._attempt("leave", max_block)[0]:
+                self.release()
 
     def release(self) -> None:
         """Release the lock, handing it to the next waiter. Raises ``redis_lock.NotAcquired`` if it was lost."""
@@ -292,8 +315,8 @@ class RedisLockBackend(LockBackend):
 
     Parameters (``NOCLUSTER["LOCKS"]["OPTIONS"]``, keyword-only):
       url: the Redis URL (``redis://host:port/db``).
-      socket_timeout: seconds a Redis call may take before redis-py gives up (default 30). A wait is cut into
-        ``BLPOP`` calls of at most half of it, so a long wait never trips it. None: no limit.
+      socket_timeout: seconds a Redis call may take before redis-py gives up (default 30; at least 0.5). A wait
+        is cut into ``BLPOP`` calls of at most half of it, so a long wait never trips it. None: no limit.
       connect_timeout: seconds to connect (default 5).
       signal_expire: seconds a hand-off waits in a waiter's list (default 1); a waiter that comes back later
         still finds the lock under its owner id.
@@ -309,6 +332,12 @@ class RedisLockBackend(LockBackend):
     ) -> None:
         if not url:
             raise ValueError("RedisLockBackend needs a Redis url (NOCLUSTER['LOCKS']['OPTIONS']['url'])")
+        if socket_timeout is not None and socket_timeout < MIN_SOCKET_TIMEOUT:
+            # A wait is a BLPOP of half of it, which Redis may end up to ~100 ms late (hz 10).
+            raise ValueError(
+                f"RedisLockBackend: socket_timeout must be at least {MIN_SOCKET_TIMEOUT} s (or None), "
+                f"got {socket_timeout!r}"
+            )
         self.url = url
         # No retry: acquire and release are not idempotent, a blind retry could report a held lock as lost.
         self._client = redis.Redis.from_url(
