@@ -50,3 +50,24 @@ def lock_app(request: pytest.FixtureRequest, app_name: str) -> Application:
 def locks(lock_app: Application) -> LockManager:
     """``lock_app.lock_manager`` (the contract suite runs on every backend through it)."""
     return lock_app.lock_manager
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A plain redis-py client on the test Redis, to look at the keys a lock leaves."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def lua_lock(redis_client: Any, app_name: str) -> Iterator[tuple[str, str]]:
+    """``(lock name, token sequence)`` of this test, with MillisecondLock's scripts registered; keys deleted after."""
+    from nocluster.locks.backends.redis import MillisecondLock
+
+    MillisecondLock.register_ms_scripts(redis_client)
+    name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
+    yield name, sequence
+    redis_client.delete(name, sequence, *redis_client.keys(f"*{name}*"))

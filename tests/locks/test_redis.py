@@ -175,8 +175,8 @@ def queue_length(client: redis.Redis, app: Application, key: str) -> int:
     return client.llen(f"lock-queue:{app.name}:lock:{key}")
 
 
-def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, redis_client: redis.Redis) -> None:
+    client = redis_client
     locks = redis_app.lock_manager
     order: list[tuple[str, int]] = []
 
@@ -200,11 +200,10 @@ def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, red
     assert [token for _, token in order] == [held.token + 1, held.token + 2, held.token + 3]
     # And nothing is left behind: no lock, no queue, no waiter record, no hand-off list
     assert client.keys(f"*{redis_app.name}:lock:job*") == []
-    client.close()
 
 
-def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_client: redis.Redis) -> None:
+    client = redis_client
     held = redis_app.lock_manager.acquire("job", ttl=60)
     # When a waiter gives up after 0.3 s
     with pytest.raises(LockAcquireError):
@@ -214,7 +213,6 @@ def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_
     held.release()
     assert redis_app.lock_manager.get_lock("job") is None
     assert client.keys(f"*{redis_app.name}:lock:job*") == []
-    client.close()
 
 
 def request_until_killed(node: NodeProcess, expr: str) -> None:
@@ -223,9 +221,9 @@ def request_until_killed(node: NodeProcess, expr: str) -> None:
 
 
 def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
-    cluster_env: dict[str, str], redis_app: Application, redis_url: str
+    cluster_env: dict[str, str], redis_app: Application, redis_client: redis.Redis
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client
     locks = redis_app.lock_manager
     # Given a holder, a waiter in a node process (ttl 1 s) and a waiter in this process behind it
     held = locks.acquire("job", ttl=60)
@@ -251,41 +249,41 @@ def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
         lock.release()
     finally:
         node.stop()
-        client.close()
 
 
-def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(redis_url: str, app_name: str) -> None:
+def queue_up(client: redis.Redis, name: str, sequence: str, owner: str, ttl_ms: int) -> None:
+    """One "wait" attempt of the acquire script for ``owner`` (``"{instance}:{nonce}"``): the only waiter queued."""
+    nonce = owner.rsplit(":", 1)[-1]
+    args = (owner, ttl_ms, nonce, 4000, "wait")
+    assert MillisecondLock.acquire_script(keys=(name, sequence), args=args, client=client)[0] == 0
+    assert client.lrange(f"lock-queue:{name}", 0, -1) == [nonce.encode()]
+
+
+def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(
+    redis_client: redis.Redis, lua_lock: tuple[str, str]
+) -> None:
     # The Lua level: a release hands the lock to a queued waiter that is not blocked in BLPOP at that moment
-    client = redis.Redis.from_url(redis_url)
-    MillisecondLock.register_ms_scripts(client)
-    name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
-    try:
-        holder = MillisecondLock(client, name, 60, "holder:1", 1, sequence)  # its hand-offs wait 1 ms
-        assert holder.acquire(timeout=0)
-        waiter = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
-        # Given the waiter queued (one "wait" attempt), then gone for longer than its hand-off list lives
-        queued = MillisecondLock.acquire_script(
-            keys=(name, sequence), args=("waiter:2", 5000, "2", 4000, "wait"), client=client
-        )
-        assert queued[0] == 0 and client.lrange(f"lock-queue:{name}", 0, -1) == [b"2"]
-        holder.release()
-        time.sleep(0.05)
-        assert not client.exists(f"lock-grant:{name}:2")
-        # When it comes back, it finds the lock held under its own owner id: it holds it, with the next token
-        assert waiter.acquire(timeout=0.5) and waiter.token == holder.token + 1
-        assert client.get(name) == f"waiter:2:{waiter.token}".encode()
-        waiter.release()
-    finally:
-        client.delete(name, sequence, *client.keys(f"*{name}*"))
-        client.close()
+    client, (name, sequence) = redis_client, lua_lock
+    holder = MillisecondLock(client, name, 60, "holder:1", 1, sequence)  # its hand-offs wait 1 ms
+    assert holder.acquire(timeout=0)
+    waiter = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    # Given the waiter queued (one "wait" attempt), then gone for longer than its hand-off list lives
+    queue_up(client, name, sequence, "waiter:2", 5000)
+    holder.release()
+    time.sleep(0.05)
+    assert not client.exists(f"lock-grant:{name}:2")
+    # When it comes back, it finds the lock held under its own owner id: it holds it, with the next token
+    assert waiter.acquire(timeout=0.5) and waiter.token == holder.token + 1
+    assert client.get(name) == f"waiter:2:{waiter.token}".encode()
+    waiter.release()
 
 
 class Interrupted(Exception):
     """Raised by a signal handler in the middle of a wait."""
 
 
-def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Application, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Application, redis_client: redis.Redis) -> None:
+    client = redis_client
     held = redis_app.lock_manager.acquire("job", ttl=60)
 
     def interrupt(signum: int, frame: object) -> None:
@@ -304,33 +302,23 @@ def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Applicati
     assert queue_length(client, redis_app, "job") == 0
     held.release()
     assert redis_app.lock_manager.get_lock("job") is None
-    client.close()
 
 
-def test_a_stale_hand_off_is_not_taken_for_the_lock(redis_url: str, app_name: str) -> None:
+def test_a_stale_hand_off_is_not_taken_for_the_lock(redis_client: redis.Redis, lua_lock: tuple[str, str]) -> None:
     # The Lua level: a waiter handed the lock with a 50 ms ttl comes back after that ttl and another took it
-    client = redis.Redis.from_url(redis_url)
-    MillisecondLock.register_ms_scripts(client)
-    name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
-    try:
-        holder = MillisecondLock(client, name, 60, "holder:1", 1000, sequence)
-        assert holder.acquire(timeout=0)
-        queued = MillisecondLock.acquire_script(
-            keys=(name, sequence), args=("waiter:2", 50, "2", 4000, "wait"), client=client
-        )
-        assert queued[0] == 0
-        holder.release()  # hands it to the waiter for 50 ms; its token waits in its list for 1 s
-        time.sleep(0.1)
-        other = MillisecondLock(client, name, 60, "other:3", 1000, sequence)
-        assert other.acquire(timeout=0)
-        # When the waiter comes back, the old hand-off in its list does not make it a second holder
-        late = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
-        assert late.acquire(timeout=0) is False
-        assert client.get(name) == f"other:3:{other.token}".encode()
-        other.release()
-    finally:
-        client.delete(name, sequence, *client.keys(f"*{name}*"))
-        client.close()
+    client, (name, sequence) = redis_client, lua_lock
+    holder = MillisecondLock(client, name, 60, "holder:1", 1000, sequence)
+    assert holder.acquire(timeout=0)
+    queue_up(client, name, sequence, "waiter:2", 50)
+    holder.release()  # hands it to the waiter for 50 ms; its token waits in its list for 1 s
+    time.sleep(0.1)
+    other = MillisecondLock(client, name, 60, "other:3", 1000, sequence)
+    assert other.acquire(timeout=0)
+    # When the waiter comes back, the old hand-off in its list does not make it a second holder
+    late = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    assert late.acquire(timeout=0) is False
+    assert client.get(name) == f"other:3:{other.token}".encode()
+    other.release()
 
 
 def test_a_socket_timeout_too_short_for_a_wait_is_refused(redis_url: str) -> None:

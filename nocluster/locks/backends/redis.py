@@ -237,35 +237,34 @@ class MillisecondLock(redis_lock.Lock):
         A waiter queues up on its first attempt and is handed the lock by a release, oldest waiter first. When
         ``timeout`` passes it leaves the queue; if the lock was handed to it at that instant it keeps it (True).
         """
-        mode = "wait" if blocking and (timeout is None or timeout > 0) else "try"
-        if mode == "try":
-            return self._attempt("try", max_block)[0]
+        chunk = min(max_block, WAIT_CHUNK)  # the longest BLPOP; the waiter record outlives it by WAITER_GRACE
+        if not blocking or timeout == 0:
+            return self._attempt("try", chunk)[0]
         try:
-            return self._wait(timeout, max_block)
+            return self._wait(timeout, chunk)
         except BaseException:
             # Raised while queued (Redis unreachable, a signal handler, KeyboardInterrupt): leave the queue, so a
             # release does not hand the lock to a waiter that is gone, and let go of it if that just happened.
-            self._leave_after_error(max_block)
+            self._leave_after_error(chunk)
             raise
 
-    def _attempt(self, mode: str, max_block: float) -> tuple[bool, int]:
+    def _attempt(self, mode: str, chunk: float) -> tuple[bool, int]:
         """One run of the acquire script: (True, token) when held, else (False, the holder's PTTL)."""
         acquired, value = self.acquire_script(
             keys=(self._name, self._token_key),
-            args=(self._id, self._expire_ms, self._waiter, to_ms(min(max_block, WAIT_CHUNK) + WAITER_GRACE), mode),
+            args=(self._id, self._expire_ms, self._waiter, to_ms(chunk + WAITER_GRACE), mode),
             client=self._client,
         )
         return (self._held_as(value), value) if acquired else (False, value)
 
-    def _wait(self, timeout: float | None, max_block: float) -> bool:
+    def _wait(self, timeout: float | None, chunk: float) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         grant_list = f"lock-grant:{self._name}:{self._waiter}"
         mode = "wait"
         while True:
-            acquired, value = self._attempt(mode, max_block)
+            acquired, value = self._attempt(mode, chunk)
             if acquired or mode == "leave":
                 return acquired
-            chunk = min(max_block, WAIT_CHUNK)
             # value is the holder's PTTL (-1: it has no expiry, a foreign key).
             wait = chunk if value < 0 else min(chunk, value / 1000)
             if deadline is not None:
@@ -278,10 +277,10 @@ class MillisecondLock(redis_lock.Lock):
             if granted is not None:
                 return self._held_as(granted[1])
 
-    def _leave_after_error(self, max_block: float) -> None:
+    def _leave_after_error(self, chunk: float) -> None:
         # Best effort: Redis may be why we are here; then the waiter record expires by itself.
         with contextlib.suppress(Exception):
-            if self.token is not None or self._attempt("leave", max_block)[0]:
+            if self.token is not None or self._attempt("leave", chunk)[0]:
                 self.release()
 
     def release(self) -> None:
