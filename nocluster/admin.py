@@ -3,8 +3,11 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
 
+from nocluster import app
 from nocluster.models import FailedMessage, InstalledPlugin, Node
+from nocluster.nodes import node_state
 
 
 @admin.register(InstalledPlugin)
@@ -30,8 +33,6 @@ class FailedMessageAdmin(admin.ModelAdmin):
     actions = ["requeue"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[FailedMessage]:
-        from nocluster import app
-
         # Only this project's: re-queueing another project's record would publish it into our channels.
         return super().get_queryset(request).filter(app_name=app.name)
 
@@ -41,13 +42,10 @@ class FailedMessageAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-queue selected messages")
     def requeue(self, request: HttpRequest, queryset: QuerySet[FailedMessage]) -> None:
-        from nocluster import app
-        from nocluster.queue.failures import requeue
-
         done = 0
         for failed in queryset:
             try:
-                requeue(app.event_queue, failed)
+                app.event_queue.requeue(failed)
                 done += 1
             except Exception as exc:
                 self.message_user(request, f"{failed}: not re-queued: {exc}", messages.ERROR)
@@ -68,17 +66,10 @@ class NodeAdmin(admin.ModelAdmin):
     readonly_fields = [field.name for field in Node._meta.fields]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
-        from nocluster import app
-
         return super().get_queryset(request).filter(app_name=app.name)
 
     @admin.display(description="state")
     def state(self, node: Node) -> str:
-        from django.utils import timezone
-
-        from nocluster import app
-        from nocluster.nodes import node_state
-
         return node_state(node, timezone.now(), app.node_registry.settings.gone_after)
 
     def has_add_permission(self, request: HttpRequest) -> bool:

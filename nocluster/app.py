@@ -1,8 +1,12 @@
-"""The process-wide application: names, managers built lazily from settings, and the node's lifecycle.
+"""The composition root: the process-wide application builds every component and hands each what it uses.
 
-Nothing here runs at import. Managers are built on first use; consumers start only in :meth:`Application.start`,
-which the node runner (``manage.py runnode``), ``runserver`` and Celery worker processes call. After ``fork()`` the
-child gets a new ``instance_id`` and starts its own consumers.
+Nothing here runs at import. Components are built on first use from ``settings.NOCLUSTER``; consumers start only
+in :meth:`Application.start`, which the node runner (``manage.py runnode``), ``runserver`` and Celery worker
+processes call. No manager or backend reaches for the global ``app``: each gets its collaborators here (the
+node's :class:`~nocluster.identity.NodeIdentity`, the pub/sub manager, the debouncer, the lock manager...).
+
+One ordered list, :data:`COMPONENTS`, drives start, stop (in reverse, then close) and after-fork. After
+``fork()`` the child is a new node: a new instance id, and it starts its own consumers.
 """
 
 from __future__ import annotations
@@ -10,27 +14,37 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 
+from nocluster import logs
+from nocluster.cache import Cache, CacheManager
 from nocluster.conf import get_config, load_backend
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
+from nocluster.locks import LockManager
+from nocluster.nodes import NodeRegistry, RegistrySettings
 from nocluster.plugin import PluginRegistry
-
-if TYPE_CHECKING:
-    from nocluster.cache import Cache, CacheManager
-    from nocluster.locks import LockManager
-    from nocluster.nodes import NodeRegistry
-    from nocluster.pubsub import PubSubManager
-    from nocluster.queue import EventQueue
-    from nocluster.sync import SyncMessageManager
+from nocluster.pubsub import PubSubManager
+from nocluster.pubsub.debounce import Debouncer
+from nocluster.queue import EventQueue
+from nocluster.sync import SyncMessageManager
 
 logger = logging.getLogger("nocluster.app")
 
-# Managers with connections or threads; started and stopped in this order (stopped in reverse).
-RUNNING_MANAGERS = ("pub_sub_manager", "event_queue", "node_registry")
+# Every component, in start order (stopped and closed in reverse, forked in this order). The lock manager comes
+# first: the others may take locks while starting and stopping. The registry comes last: a node is shown up
+# once it consumes.
+COMPONENTS = (
+    "lock_manager",
+    "cache_manager",
+    "pub_sub_manager",
+    "sync_message_manager",
+    "event_queue",
+    "node_registry",
+)
 
 
 class Application:
@@ -43,19 +57,19 @@ class Application:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self._config_override = config
         self._state_lock = threading.RLock()
-        self._instance_id = uuid.uuid4().hex
+        # The name is read from the settings on first use (settings may not be configured yet).
+        self.identity = NodeIdentity(name="")
         self.started = False
-        self.role = "node"
         self.plugins = PluginRegistry(self)
 
     # --- names -----------------------------------------------------------------------------------------
     @cached_property
     def config(self) -> dict[str, Any]:
-        if self._config_override is not None:
-            return {**get_config(), **self._config_override}
-        return get_config()
+        config = get_config() if self._config_override is None else {**get_config(), **self._config_override}
+        self.identity.name = str(config["NAME"])
+        return config
 
-    @cached_property
+    @property
     def name(self) -> str:
         """Prefix of every channel, cache key and lock key (``NOCLUSTER["NAME"]``)."""
         return str(self.config["NAME"])
@@ -63,14 +77,25 @@ class Application:
     @property
     def instance_id(self) -> str:
         """Unique per process (uuid4 hex); a forked child gets its own."""
-        return self._instance_id
+        return self.identity.instance_id
 
-    # --- managers, built on first use -------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        """What the node registry shows for this process (set by :meth:`start`)."""
+        return self.identity.role
+
+    def _identity(self) -> NodeIdentity:
+        self.config  # noqa: B018 (reading the config names the identity)
+        return self.identity
+
+    # --- components, built on first use -----------------------------------------------------------------
+    @cached_property
+    def lock_manager(self) -> LockManager:
+        return LockManager(self._identity(), load_backend("LOCKS", self.config))
+
     @cached_property
     def cache_manager(self) -> CacheManager:
-        from nocluster.cache import CacheManager
-
-        return CacheManager(self)
+        return CacheManager(self._identity(), self.lock_manager)
 
     @property
     def cache(self) -> Cache:
@@ -78,10 +103,14 @@ class Application:
         return self.cache_manager.default
 
     @cached_property
-    def pub_sub_manager(self) -> PubSubManager:
-        from nocluster.pubsub import PubSubManager
+    def debouncer(self) -> Debouncer:
+        """The trailing-edge debouncer of pub/sub and sync subscriptions: one named thread, started and stopped
+        with the pub/sub manager (sync messages ride on pub/sub)."""
+        return Debouncer(lambda: f"nocluster-debounce-{self.identity.short_id}")
 
-        return PubSubManager(self, load_backend("PUBSUB", self.config))
+    @cached_property
+    def pub_sub_manager(self) -> PubSubManager:
+        return PubSubManager(self._identity(), load_backend("PUBSUB", self.config), self.debouncer)
 
     @property
     def pubsub(self) -> PubSubManager:
@@ -90,28 +119,19 @@ class Application:
 
     @cached_property
     def sync_message_manager(self) -> SyncMessageManager:
-        from nocluster.sync import SyncMessageManager
-
-        return SyncMessageManager(self)
+        debounce = self.config.get("SYNC", {}).get("DEBOUNCE", 1.0)
+        return SyncMessageManager(self._identity(), self.pub_sub_manager, self.debouncer, debounce)
 
     @cached_property
     def event_queue(self) -> EventQueue:
-        from nocluster.queue import EventQueue
-
-        return EventQueue(self, load_backend("EVENT_QUEUE", self.config))
-
-    @cached_property
-    def lock_manager(self) -> LockManager:
-        from nocluster.locks import LockManager
-
-        return LockManager(self, load_backend("LOCKS", self.config))
+        return EventQueue(self._identity(), load_backend("EVENT_QUEUE", self.config))
 
     @cached_property
     def node_registry(self) -> NodeRegistry:
         """This node's entry in the cluster's node registry (started by :meth:`start`)."""
-        from nocluster.nodes import NodeRegistry
-
-        return NodeRegistry(self)
+        return NodeRegistry(
+            self._identity(), RegistrySettings.from_config(self.config), self.plugins.names, self.backend_names()
+        )
 
     def backend_names(self) -> dict[str, str]:
         """The configured backend class of each component, by dotted path (without building anything)."""
@@ -121,8 +141,11 @@ class Application:
         return names
 
     def built(self, attribute: str) -> Any | None:
-        """The manager ``attribute`` if it was built already, else None (never builds it)."""
+        """The component ``attribute`` if it was built already, else None (never builds it)."""
         return self.__dict__.get(attribute)
+
+    def _built_components(self) -> list[Component]:
+        return [component for component in map(self.built, COMPONENTS) if component is not None]
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def load_plugins(self) -> None:
@@ -135,35 +158,35 @@ class Application:
         self.plugins.install()
 
     def start(self, role: str | None = None) -> None:
-        """Start this process's consumers, then run every plugin's ``after_start``.
+        """Start every component in :data:`COMPONENTS` order, then run every plugin's ``after_start``.
 
         ``role`` (``"web"``, ``"worker"``...) is what the node registry shows for this process.
 
-        Idempotent. If a plugin fails in ``after_start``, what was started is stopped again and the
-        :class:`~nocluster.errors.PluginError` propagates: a node does not half-start.
+        Idempotent. If a component or a plugin's ``after_start`` fails, what was started is stopped again and
+        the error propagates (a :class:`~nocluster.errors.PluginError` names the plugin): a node does not
+        half-start.
         """
         with self._state_lock:
             if self.started:
                 return
             if role is not None:
-                self.role = role
+                self.identity.role = role
             self.load_plugins()
-            started: list[Any] = []
+            started: list[Component] = []
             try:
-                for attribute in RUNNING_MANAGERS:
-                    manager = getattr(self, attribute)
-                    manager.start()
-                    started.append(manager)
+                for attribute in COMPONENTS:
+                    component: Component = getattr(self, attribute)
+                    component.start()
+                    started.append(component)
                 self.plugins.after_start()
             except BaseException:
-                for manager in reversed(started):
-                    manager.stop()
+                self._stop_components(started)
                 raise
             self.started = True
             logger.info("node %s of %r started", self.instance_id, self.name)
 
     def stop(self) -> None:
-        """Run every plugin's ``before_stop`` (reverse order), then stop consumers and close connections."""
+        """Run every plugin's ``before_stop`` (reverse order), then stop and close every component (reverse)."""
         with self._state_lock:
             if not self.started:
                 return
@@ -171,23 +194,32 @@ class Application:
             try:
                 self.plugins.before_stop()
             finally:
-                for attribute in reversed(RUNNING_MANAGERS):
-                    manager = self.built(attribute)
-                    if manager is not None:
-                        manager.stop()
+                self._stop_components(self._built_components())
             logger.info("node %s of %r stopped", self.instance_id, self.name)
 
+    def _stop_components(self, components: list[Component]) -> None:
+        # Every component gets its stop and close even if another one fails; the first error propagates.
+        errors: list[BaseException] = []
+        for step in ("stop", "close"):
+            for component in reversed(components):
+                try:
+                    getattr(component, step)()
+                except Exception as exc:
+                    logger.exception("%s.%s() failed on node %s", type(component).__name__, step, self.instance_id)
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
     def _after_fork_in_child(self) -> None:
-        # Threads do not survive fork(): the child is a new node with its own id and must start its own
-        # consumers. Managers keep their registrations (subscriptions made in before_load/load).
+        """In a forked child: become a new node (new instance id) and let every built component forget the parent's
+        threads and connections. Registrations made in ``before_load``/``load`` are kept."""
         self._state_lock = threading.RLock()
-        self._instance_id = uuid.uuid4().hex
+        self.identity.renew()
         self.started = False
-        for attribute in ("pub_sub_manager", "event_queue", "lock_manager", "sync_message_manager", "node_registry"):
-            manager = self.built(attribute)
-            if manager is not None and hasattr(manager, "after_fork"):
-                manager.after_fork()
+        for component in self._built_components():
+            component.after_fork()
 
 
 app = Application()
+logs.bind_identity(app.identity)
 os.register_at_fork(after_in_child=app._after_fork_in_child)

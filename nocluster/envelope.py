@@ -1,7 +1,8 @@
-"""JSON on the wire, and only JSON: validation, canonical form and the pub/sub envelope.
+"""JSON on the wire, and only JSON: validation, canonical form, and the pub/sub envelope.
 
 Payloads are JSON values (dict with str keys, list, str, int, float, bool, None). Anything else is refused
-with a ``TypeError`` that names the channel; pickle is never used.
+with a ``TypeError`` that names the channel; pickle is never used. What comes off the wire is parsed once into
+a typed object (:meth:`Envelope.from_wire`); a message of the wrong shape raises :class:`MalformedMessage`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from nocluster.errors import InvalidChannel
+from nocluster.errors import InvalidChannel, MalformedMessage
 
 JSON: TypeAlias = "dict[str, JSON] | list[JSON] | str | int | float | bool | None"
 
 CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]*$")
+# Deepest nesting of lists and dicts a payload may have: deeper ones are refused at publish (a clear error
+# instead of a RecursionError in a decoder on another node).
+MAX_DEPTH = 100
+# Longest message id a peer may send (ours are uuid4 hex, 32 characters).
+MAX_ID_LENGTH = 64
 
 
 def validate_channel(channel: object) -> str:
@@ -36,36 +42,79 @@ def validate_channel(channel: object) -> str:
     return channel
 
 
-def _check(value: Any, where: str, path: str) -> None:
-    if value is None or isinstance(value, (str, bool, int)):
-        return
+def _problem(value: Any) -> tuple[str, str] | None:
+    """(what it is, what is wrong) for the element ``value`` itself, not its items; None when it is fine."""
+    if value is None or isinstance(value, (bool, int, list, tuple)):
+        return None
+    if isinstance(value, str):
+        return (
+            None if value.isascii() or _encodable(value) else ("a str", "cannot be encoded as UTF-8 (lone surrogate)")
+        )
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise TypeError(f"{where}: {value!r} at {path} is not valid JSON (NaN/Infinity)")
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check(item, where, f"{path}[{index}]")
-        return
+        return None if math.isfinite(value) else (repr(value), "is not valid JSON (NaN/Infinity)")
     if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} at {path} is not a str; JSON keys are str")
-            _check(item, where, f"{path}.{key}")
-        return
-    raise TypeError(
-        f"{where}: {type(value).__name__} at {path} is not JSON-serialisable "
-        "(payloads are dict, list, str, int, float, bool or None)"
-    )
+        bad = next((key for key in value if not isinstance(key, str) or not _encodable(key)), None)
+        return None if bad is None else (f"key {bad!r}", "is not a str that UTF-8 can encode; JSON keys are str")
+    kinds = "dict, list, str, int, float, bool or None"
+    return type(value).__name__, f"is not JSON-serialisable (payloads are {kinds})"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find(value: Any, path: str, depth: int) -> tuple[str, str, str] | None:
+    """(path, what, what is wrong) of the first offending element of ``value``; None when it is all JSON."""
+    problem = _problem(value)
+    if problem is not None:
+        return (path, *problem)
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    if depth >= MAX_DEPTH:
+        return path, "the payload", f"is nested deeper than {MAX_DEPTH} levels"
+    for item_path, item in items:
+        found = _find(item, item_path, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_json(payload: Any) -> bool:
+    # Iterative and without path strings: the common case (valid JSON) costs a few type checks per element.
+    stack: list[tuple[Any, int]] = [(payload, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if _problem(value) is not None:
+            return False
+        if isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                return False
+            for item in value.values() if isinstance(value, dict) else value:
+                stack.append((item, depth + 1))
+    return True
 
 
 def ensure_json(channel: str, payload: Any, what: str = "channel") -> JSON:
     """Raise ``TypeError`` naming ``channel`` unless ``payload`` is a JSON value; return it unchanged.
 
-    ``what`` names the kind of place in the message (``"channel 'orders'"``, ``"cache 'auth' key 'k'"``...).
+    Refused: non-JSON types, non-str keys, NaN and infinities, a str that UTF-8 cannot encode (a lone
+    surrogate) and nesting deeper than :data:`MAX_DEPTH` levels. ``what`` names the kind of place in the
+    message (``"channel"``, ``"cache 'auth' key"``...).
     """
-    _check(payload, f"{what} {channel!r}", "$")
-    return payload
+    if _is_json(payload):
+        return payload
+    path, thing, complaint = _find(payload, "$", 0) or ("$", "the payload", "is not JSON")
+    if len(path) > 80:
+        path = path[:40] + "..." + path[-20:]
+    raise TypeError(f"{what} {channel!r}: {thing} at {path} {complaint}")
 
 
 def dumps(value: JSON) -> str:
@@ -79,7 +128,45 @@ def canonical(value: JSON) -> str:
 
 
 def loads(text: str | bytes) -> JSON:
-    return json.loads(text)
+    result: JSON = json.loads(text)
+    return result
+
+
+def wire_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """``data[name]`` if present and of ``kind`` (``bool`` is never an int here), else :class:`MalformedMessage`."""
+    if name not in data:
+        raise MalformedMessage(f"{what}: field {name!r} is missing")
+    value = data[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        raise MalformedMessage(f"{what}: field {name!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def wire_object(data: object, what: str) -> dict[str, Any]:
+    """``data`` if it is a JSON object, else :class:`MalformedMessage`."""
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"{what} is not a JSON object (got {type(data).__name__})")
+    return data
+
+
+def wire_id(data: dict[str, Any], name: str, what: str) -> str:
+    """A non-empty id of at most :data:`MAX_ID_LENGTH` characters."""
+    value: str = wire_field(data, name, str, what)
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise MalformedMessage(f"{what}: field {name!r} must be 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
+def wire_json(data: dict[str, Any], name: str, what: str) -> JSON:
+    """A JSON value that the canonical form and the debouncer can handle (no NaN, no excessive nesting)."""
+    if name not in data:
+        raise MalformedMessage(f"{what}: field {name!r} is missing")
+    try:
+        return ensure_json(name, data[name], what=what + ": field")
+    except TypeError as exc:
+        raise MalformedMessage(str(exc)) from None
 
 
 @dataclass
@@ -93,12 +180,38 @@ class Envelope:
     sent_at: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object that goes on the wire (``to_json()`` is its text)."""
+        return {
+            "publisher_id": self.publisher_id,
+            "message": self.message,
+            "skip_self": self.skip_self,
+            "only_self": self.only_self,
+            "sent_at": self.sent_at,
+            "id": self.id,
+        }
+
     def to_json(self) -> str:
-        return dumps(asdict(self))
+        return dumps(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, data: object) -> Envelope:
+        """Parse a decoded envelope; unknown fields are ignored. Raises :class:`MalformedMessage`."""
+        what = "pub/sub envelope"
+        fields = wire_object(data, what)
+        return cls(
+            publisher_id=wire_id(fields, "publisher_id", what),
+            message=wire_json(fields, "message", what),
+            skip_self=wire_field(fields, "skip_self", bool, what),
+            only_self=wire_field(fields, "only_self", bool, what),
+            sent_at=float(wire_field(fields, "sent_at", (int, float), what)),
+            id=wire_id(fields, "id", what),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Envelope:
-        data = loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("envelope is not a JSON object")
-        return cls(**data)
+        try:
+            data = loads(text)
+        except ValueError as exc:
+            raise MalformedMessage(f"pub/sub envelope is not JSON: {exc}") from None
+        return cls.from_wire(data)

@@ -46,3 +46,7 @@ class BackendUnavailable(NoclusterError):
 
 class Aborted(NoclusterError):
     """Raised by ``signal.throw_if_aborted()``: the work's timeout passed or it was cancelled."""
+
+
+class MalformedMessage(NoclusterError, ValueError):
+    """A message from the wire does not have the shape its kind requires; it is logged and dropped."""

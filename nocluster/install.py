@@ -9,21 +9,45 @@ skips. A plugin whose ``install()`` raises leaves no row, so the next start trie
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Protocol
 
 from django.db import transaction
 from django.utils import timezone
 
 from nocluster.errors import LockNotOwned
+from nocluster.locks import LockManager
 
 if TYPE_CHECKING:
-    from nocluster.plugin import Plugin
+    from nocluster.models import InstalledPlugin
 
 # Seconds the install lock survives a node that dies while installing; renewed every third of it while held.
 INSTALL_LOCK_TTL = 10.0
 
 
-def install_once(plugin: Plugin) -> bool:
+class InstallHost(Protocol):
+    """The application, as installing needs it."""
+
+    @property
+    def lock_manager(self) -> LockManager: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+
+class Installable(Protocol):
+    """A plugin, as installing needs it (``nocluster.Plugin`` is one)."""
+
+    name: str
+    logger: logging.Logger
+
+    @property
+    def app(self) -> InstallHost: ...
+
+    def install(self) -> None: ...
+
+
+def install_once(plugin: Installable) -> bool:
     """Run ``plugin.install()`` unless this cluster ran it already. Returns True when it ran here."""
     lock = plugin.app.lock_manager.acquire(f"install:{plugin.name}", ttl=INSTALL_LOCK_TTL, auto_renew=True)
     try:
@@ -36,13 +60,18 @@ def install_once(plugin: Plugin) -> bool:
             plugin.logger.warning("plugin %s: install lock lost while installing: %s", plugin.name, exc)
 
 
-def _install_in_transaction(plugin: Plugin) -> bool:
-    from nocluster.models import InstalledPlugin
+def _installed_plugin_model() -> type[InstalledPlugin]:
+    from nocluster.models import InstalledPlugin  # the app registry is ready when a plugin installs
 
+    return InstalledPlugin
+
+
+def _install_in_transaction(plugin: Installable) -> bool:
+    model = _installed_plugin_model()
     with transaction.atomic():
-        record, _ = InstalledPlugin.objects.get_or_create(name=plugin.name)
+        record, _ = model.objects.get_or_create(name=plugin.name)
         # Lock the row: a concurrent installer waits here until we commit.
-        record = InstalledPlugin.objects.select_for_update().get(pk=record.pk)
+        record = model.objects.select_for_update().get(pk=record.pk)
         if record.installed_at is not None:
             return False
         plugin.install()

@@ -11,19 +11,29 @@ import json
 import logging
 from datetime import UTC, datetime
 
+from nocluster.identity import NodeIdentity
+
 CONTEXT_FIELDS = ("instance_id", "app_name", "channel", "message_id", "lock_key", "task_id", "plugin")
 
 
+_identity: NodeIdentity | None = None
+
+
+def bind_identity(identity: NodeIdentity) -> None:
+    """Name this process's node in every record from now on (the composition root calls it once)."""
+    global _identity
+    _identity = identity
+
+
 class NodeContextFilter(logging.Filter):
-    """Adds ``instance_id`` and ``app_name`` of this process to every record (without building anything)."""
+    """Adds ``instance_id`` and ``app_name`` of this process's node to every record (empty until it is bound)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from nocluster.app import app
-
+        identity = _identity
         if not hasattr(record, "instance_id"):
-            record.instance_id = app.instance_id
+            record.instance_id = identity.instance_id if identity is not None else ""
         if not hasattr(record, "app_name"):
-            record.app_name = app.config.get("NAME", "") if "config" in app.__dict__ else ""
+            record.app_name = identity.name if identity is not None else ""
         return True
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -21,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 from django.utils import timezone
 
 from nocluster.db import close_old_connections
+from nocluster.durations import seconds
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
 
 if TYPE_CHECKING:
-    from nocluster.app import Application
     from nocluster.models import Node
 
 logger = logging.getLogger("nocluster.nodes")
@@ -45,9 +48,10 @@ class RegistrySettings:
         values = {**DEFAULTS, **config.get("NODES", {})}
         settings = cls(
             bool(values["ENABLED"]),
-            float(values["HEARTBEAT"]),
-            float(values["GONE_AFTER"]),
-            float(values["REMOVE_AFTER"]),
+            *(
+                seconds(values[key], f'NOCLUSTER["NODES"]["{key}"]', allow_zero=True)
+                for key in ("HEARTBEAT", "GONE_AFTER", "REMOVE_AFTER")
+            ),
         )
         if not 0 < settings.heartbeat < settings.gone_after < settings.remove_after:
             raise ValueError(
@@ -64,26 +68,38 @@ def node_state(node: Node, now: datetime, gone_after: float) -> str:
     return "up" if node.last_heartbeat >= now - timedelta(seconds=gone_after) else "gone"
 
 
-class NodeRegistry:
+class NodeRegistry(Component):
     """This process's entry in the registry (``app.node_registry``), and queries over all entries.
 
-    ``start(role)`` registers the node and starts the heartbeat thread ``nocluster-heartbeat``; ``stop()``
-    marks it stopped. Database errors in the heartbeat are logged and retried on the next beat: a database
-    outage does not take the node down.
+    ``start()`` registers the node (with the identity's role) and starts the heartbeat thread
+    ``nocluster-heartbeat``; ``stop()`` marks it stopped. Database errors in the heartbeat are logged and retried
+    on the next beat: a database outage does not take the node down.
+
+    Parameters:
+      identity: this node (name, instance id, role).
+      settings: ``NOCLUSTER["NODES"]``.
+      plugins: returns the names of the loaded plugins (recorded with the node).
+      backends: the configured backend of each component (recorded with the node).
     """
 
-    def __init__(self, app: Application) -> None:
-        self.app = app
-        self.settings = RegistrySettings.from_config(app.config)
-        self.role = "node"
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        settings: RegistrySettings,
+        plugins: Callable[[], list[str]],
+        backends: dict[str, str],
+    ) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.plugins = plugins
+        self.backends = backends
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- this node ------------------------------------------------------------------------------------------
-    def start(self, role: str | None = None) -> None:
+    def start(self) -> None:
         if not self.settings.enabled or self._thread is not None:
             return
-        self.role = role or self.app.role
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="nocluster-heartbeat", daemon=True)
         self._thread.start()
@@ -97,9 +113,9 @@ class NodeRegistry:
             logger.warning("heartbeat thread did not stop within 10 s")
         self._thread = None
         try:
-            self._model().objects.filter(instance_id=self.app.instance_id).update(stopped_at=timezone.now())
+            self._model().objects.filter(instance_id=self.identity.instance_id).update(stopped_at=timezone.now())
         except Exception:
-            logger.exception("could not mark node %s stopped", self.app.instance_id)
+            logger.exception("could not mark node %s stopped", self.identity.instance_id)
 
     def after_fork(self) -> None:
         self._thread = None
@@ -109,14 +125,14 @@ class NodeRegistry:
         """Create or refresh this node's row."""
         now = timezone.now()
         self._model().objects.update_or_create(
-            instance_id=self.app.instance_id,
+            instance_id=self.identity.instance_id,
             defaults={
-                "app_name": self.app.name,
-                "role": self.role,
+                "app_name": self.identity.name,
+                "role": self.identity.role,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "plugins": self.app.plugins.names(),
-                "backends": self.app.backend_names(),
+                "plugins": self.plugins(),
+                "backends": self.backends,
                 "started_at": now,
                 "last_heartbeat": now,
                 "stopped_at": None,
@@ -127,7 +143,7 @@ class NodeRegistry:
         """One heartbeat: refresh this node (re-registering if its row was removed) and remove long-gone ones."""
         model = self._model()
         now = timezone.now()
-        if not model.objects.filter(instance_id=self.app.instance_id).update(last_heartbeat=now):
+        if not model.objects.filter(instance_id=self.identity.instance_id).update(last_heartbeat=now):
             self.register()
         model.objects.filter(last_heartbeat__lt=now - timedelta(seconds=self.settings.remove_after)).delete()
 
@@ -147,7 +163,7 @@ class NodeRegistry:
     def nodes(self) -> list[dict[str, Any]]:
         """Every registered node of this ``app.name`` with its ``state``, newest first."""
         now = timezone.now()
-        rows = self._model().objects.filter(app_name=self.app.name).order_by("-started_at")
+        rows = self._model().objects.filter(app_name=self.identity.name).order_by("-started_at")
         return [{**row.as_dict(), "state": node_state(row, now, self.settings.gone_after)} for row in rows]
 
     @staticmethod

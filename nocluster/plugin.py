@@ -16,16 +16,55 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 from django.apps import AppConfig, apps
 from django.utils.module_loading import import_string
 
+from nocluster.cache import Cache, CacheManager
+from nocluster.envelope import JSON
 from nocluster.errors import PluginError
+from nocluster.install import install_once
+from nocluster.locks import LockManager
+from nocluster.pubsub import PubSubManager
+from nocluster.queue import EventQueue
+from nocluster.sync import SyncMessageManager
+from nocluster.sync.manager import SyncPlugin
+from nocluster.sync.sequence import resync_marker
 
-if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.envelope import JSON
+
+class PluginHost(Protocol):
+    """What a plugin sees of the application (``self.app``): ``nocluster.app.Application`` is one.
+
+    Declared here, not imported, so the plugin runner does not depend on the composition root that builds it.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def cache(self) -> Cache: ...
+
+    @property
+    def cache_manager(self) -> CacheManager: ...
+
+    @property
+    def pub_sub_manager(self) -> PubSubManager: ...
+
+    @property
+    def sync_message_manager(self) -> SyncMessageManager: ...
+
+    @property
+    def event_queue(self) -> EventQueue: ...
+
+    @property
+    def lock_manager(self) -> LockManager: ...
+
+    @property
+    def plugins(self) -> PluginRegistry: ...
 
 
 class Plugin:
@@ -40,7 +79,7 @@ class Plugin:
       after_start() / before_stop(): when this node's consumers start and stop.
 
     Attributes:
-      app: the :class:`~nocluster.app.Application`.
+      app: the :class:`~nocluster.app.Application` (typed as :class:`PluginHost`, what a plugin may use).
       name: the plugin name, which is the Django app label.
       app_config: the Django ``AppConfig``.
       logger: a logger named ``nocluster.plugins.<name>``.
@@ -50,7 +89,7 @@ class Plugin:
 
     sync_debounce: float | None = None
 
-    def __init__(self, app: Application, app_config: AppConfig) -> None:
+    def __init__(self, app: PluginHost, app_config: AppConfig) -> None:
         self.app = app
         self.app_config = app_config
         self.name: str = app_config.label
@@ -89,8 +128,6 @@ class Plugin:
         """
         handler = getattr(self, "handle_sync_message", None)
         if callable(handler):
-            from nocluster.sync.sequence import resync_marker
-
             handler(resync_marker(reason))
 
     def __repr__(self) -> str:
@@ -111,7 +148,7 @@ def plugin_class_of(app_config: AppConfig) -> type[Plugin] | None:
 class PluginRegistry:
     """The loaded plugins, by name, in load order (``app.plugins``)."""
 
-    def __init__(self, app: Application) -> None:
+    def __init__(self, app: PluginHost) -> None:
         self.app = app
         self._plugins: dict[str, Plugin] = {}
         self.loaded = False
@@ -172,7 +209,7 @@ class PluginRegistry:
 
     def _before_load(self, plugin: Plugin) -> None:
         if callable(getattr(plugin, "handle_sync_message", None)):
-            self.app.sync_message_manager.register_plugin(plugin)
+            self.app.sync_message_manager.register_plugin(cast(SyncPlugin, plugin))
         plugin.before_load()
 
     def _run_phase(self, hook: str, call: Callable[[Plugin], Any], plugins: Iterable[Plugin] | None = None) -> None:
@@ -184,9 +221,7 @@ class PluginRegistry:
 
     def install(self) -> None:
         """Run ``install`` once per cluster for each plugin, in load order (see :mod:`nocluster.install`)."""
-        from nocluster.install import install_once
-
-        self._run_phase("install", lambda plugin: install_once(plugin))
+        self._run_phase("install", install_once)
 
     def after_start(self) -> None:
         self._run_phase("after_start", lambda plugin: plugin.after_start())

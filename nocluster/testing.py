@@ -1,52 +1,34 @@
-"""Helpers for plugin authors' tests: wait for a condition, and drain the in-process backends.
+"""Helpers for plugin authors' tests: wait for a condition, and wait until published messages have arrived.
 
-``drain(app)`` waits until every message published so far on the local pub/sub backend was delivered and every
-debounced call (pub/sub and sync) has run, so a test can assert right after without sleeping.
+``drain(app, other_app, ...)`` waits until every message the given applications published so far was delivered
+to each of them and every debounced call (pub/sub and sync) has run, on any pub/sub backend (in-process or a
+broker), so a test can assert right after, without sleeping, that something did *not* arrive.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from nocluster.app import Application
+from nocluster.pubsub.manager import PubSubManager
+from nocluster.waiting import wait_until
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
-        time.sleep(interval)
+__all__ = ["drain", "wait_until"]
 
 
-def drain(*apps: Application, timeout: float = 10.0) -> None:
-    """Wait until the local pub/sub backends of ``apps`` (default: ``nocluster.app``) delivered everything and no
-    debounced call is pending or running (``timeout`` seconds in all; AssertionError after it).
+class HasPubSub(Protocol):
+    """An application (anything with a ``pub_sub_manager``)."""
 
-    Only for in-process backends (``LocalPubSubBackend``): a broker cannot tell what is still in flight.
+    @property
+    def pub_sub_manager(self) -> PubSubManager: ...
+
+
+def drain(*apps: HasPubSub, timeout: float = 10.0) -> None:
+    """Wait until pub/sub and debounced calls of ``apps`` settled (``timeout`` seconds; AssertionError after it).
+
+    Give every application of the test that publishes or receives: markers go from each to all.
     """
     if not apps:
-        from nocluster import app
-
-        apps = (app,)
-    managers = [app.pub_sub_manager for app in apps]
-    deadline = time.monotonic() + timeout
-
-    def quiet() -> bool:
-        # Two passes: a delivery may push a debounced call, and a debounced call may publish again.
-        for _ in range(2):
-            for manager in managers:
-                if not manager.backend.drain(max(0.0, deadline - time.monotonic())):
-                    return False
-            if not all(manager.debouncer.idle() for manager in managers):
-                return False
-        return True
-
-    wait_until(quiet, timeout=timeout, interval=0.01, message="pub/sub and debounced calls to settle")
+        raise TypeError("drain() needs the applications to wait for, e.g. drain(app) or drain(sender, receiver)")
+    first, *others = (app.pub_sub_manager for app in apps)
+    if not first.drain(timeout, peers=others):
+        raise AssertionError(f"timed out after {timeout} s waiting for pub/sub and debounced calls to settle")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 
@@ -103,7 +104,7 @@ CACHES["local"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "
 BROKER_URL = env("BROKER_URL")
 PUBSUB_URL = env("PUBSUB_URL", BROKER_URL)
 
-NOCLUSTER = {
+NOCLUSTER: dict[str, Any] = {
     "NAME": env("NOCLUSTER_NAME", "main"),
     "PUBSUB": (
         {"BACKEND": "nocluster.pubsub.backends.kombu.KombuPubSubBackend", "OPTIONS": {"url": PUBSUB_URL}}

@@ -35,13 +35,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from nocluster.envelope import JSON
+from nocluster.plugin import Plugin, PluginHost
 from nocluster.queue.message import Context
 from nocluster.queue.signal import CANCELLED, TIMEOUT, AbortSignal
 from tasks.models import Task
 
 if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.plugin import Plugin
     from nocluster.queue.message import Message
 
 logger = logging.getLogger("tasks")
@@ -84,17 +83,17 @@ class TaskContext:
 class _Registry:
     """The task types registered with one Application, and its cancel subscriptions."""
 
-    def __init__(self, app: Application) -> None:
+    def __init__(self, app: PluginHost) -> None:
         self.app = app
         self.lock = threading.Lock()
         self.types: dict[str, TaskFunction] = {}
         self.cancel_plugins: set[str] = set()
 
 
-_registries: weakref.WeakKeyDictionary[Application, _Registry] = weakref.WeakKeyDictionary()
+_registries: weakref.WeakKeyDictionary[PluginHost, _Registry] = weakref.WeakKeyDictionary()
 
 
-def _registry(app: Application | None) -> _Registry:
+def _registry(app: PluginHost | None) -> _Registry:
     if app is None:
         from nocluster import app as default_app
 
@@ -106,7 +105,7 @@ def _registry(app: Application | None) -> _Registry:
 
 
 def register(
-    plugin: Plugin | str, name: str, fn: TaskFunction, concurrency: int = 1, app: Application | None = None
+    plugin: Plugin | str, name: str, fn: TaskFunction, concurrency: int = 1, app: PluginHost | None = None
 ) -> str:
     """Register task type ``name`` of ``plugin`` (call it in the plugin's ``load()``); returns its channel.
 
@@ -134,7 +133,7 @@ def submit(
     title: str = "",
     timeout: float = 15.0,
     max_retries: int = 0,
-    app: Application | None = None,
+    app: PluginHost | None = None,
 ) -> Task:
     """Create a queued :class:`Task` and publish it (after the current transaction commits, if any).
 
@@ -164,7 +163,7 @@ def submit(
     return task
 
 
-def cancel(task_id: int, app: Application | None = None) -> Task:
+def cancel(task_id: int, app: PluginHost | None = None) -> Task:
     """Cancel a task from any node: a queued one will not run, a running one is aborted where it runs."""
     registry = _registry(app)
     task = Task.objects.get(pk=task_id)
@@ -174,7 +173,7 @@ def cancel(task_id: int, app: Application | None = None) -> Task:
     if task.status == Task.Status.QUEUED:
         fields["finished"] = timezone.now()
     Task.objects.filter(pk=task_id, status__in=[Task.Status.QUEUED, Task.Status.RUNNING]).update(**fields)
-    request = {"task_id": task.pk, "message_id": task.message_id}
+    request: dict[str, JSON] = {"task_id": task.pk, "message_id": task.message_id}
     registry.app.event_queue.cancel(task.message_id)
     registry.app.pub_sub_manager.publish(cancel_channel(task.plugin), request)
     logger.info("task %s (%s) cancel requested from node %s", task.pk, task.channel, registry.app.instance_id)
@@ -249,6 +248,9 @@ def mark_failed_message(sender: Any = None, message: Message | None = None, erro
     """``message_failed`` receiver: a task whose message failed for good (even killed) is failed."""
     if message is None or not message.channel.startswith(CHANNEL_PREFIX) or not isinstance(message.payload, dict):
         return
-    Task.objects.filter(pk=message.payload.get("task_id"), status__in=[Task.Status.QUEUED, Task.Status.RUNNING]).update(
+    task_id = message.payload.get("task_id")
+    if not isinstance(task_id, int):
+        return
+    Task.objects.filter(pk=task_id, status__in=[Task.Status.QUEUED, Task.Status.RUNNING]).update(
         status=Task.Status.FAILED, error=error[:20000], finished=timezone.now()
     )

@@ -1,5 +1,6 @@
 """Caches over Django's cache framework: ``app.cache`` and ``app.cache_manager.create_cache()``."""
 
+from nocluster.cache.cache import Cache
 from nocluster.cache.manager import CacheManager
 
-__all__ = ["CacheManager"]
+__all__ = ["Cache", "CacheManager"]

@@ -8,20 +8,17 @@ JSON serializer), so a value reads back the same on every node and nothing is pi
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from nocluster.cache.stores import delete_prefix
-from nocluster.envelope import ensure_json
+from nocluster.durations import seconds
+from nocluster.envelope import JSON, ensure_json
 from nocluster.errors import LockAcquireError, LockNotOwned
-
-if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.envelope import JSON
+from nocluster.locks import Lock, LockManager
 
 T = TypeVar("T")
 logger = logging.getLogger("nocluster.cache")
@@ -39,8 +36,11 @@ class Cache:
     store's ``TIMEOUT``); ``0`` or less stores nothing and removes the key, as Django's cache does.
     """
 
-    def __init__(self, app: Application, name: str, prefix: str, store_alias: str, ttl: float | None) -> None:
-        self.app = app
+    def __init__(
+        self, app_name: str, locks: LockManager, name: str, prefix: str, store_alias: str, ttl: float | None
+    ) -> None:
+        self.app_name = app_name
+        self.locks = locks
         self.name = name
         self.prefix = prefix
         self.store_alias = store_alias
@@ -53,7 +53,7 @@ class Cache:
 
     @property
     def namespace(self) -> str:
-        return f"{self.app.name}:{self.prefix}:"
+        return f"{self.app_name}:{self.prefix}:"
 
     def full_key(self, key: str) -> str:
         """The store key of ``key``: ``"{app.name}:{prefix}:{key}"``; raises ``ValueError`` for a bad key."""
@@ -64,11 +64,9 @@ class Cache:
     def _timeout(self, ttl: float | None) -> Any:
         if ttl is None:
             return DEFAULT_TIMEOUT if self.ttl is None else self.ttl
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise TypeError(f"cache {self.name!r}: ttl must be seconds (int or float) or None, got {ttl!r}")
-        if not math.isfinite(ttl):
-            raise ValueError(f"cache {self.name!r}: ttl must be a finite number of seconds or None, got {ttl!r}")
-        return ttl
+        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl <= 0:
+            return ttl  # Django's meaning: not stored (the key is removed)
+        return seconds(ttl, f"cache {self.name!r}: ttl")
 
     def _checked(self, key: str, value: Any) -> JSON:
         return ensure_json(key, value, what=f"cache {self.name!r} key")
@@ -181,9 +179,9 @@ class Cache:
         finally:
             self._release(lock, key)
 
-    def _fill_lock(self, key: str) -> tuple[Any, bool]:
+    def _fill_lock(self, key: str) -> tuple[Lock | None, bool]:
         """The fill lock of ``key`` and whether we had to wait for it; (None, True) when it did not come."""
-        locks, name = self.app.lock_manager, f"cache:{self.namespace}{key}"
+        locks, name = self.locks, f"cache:{self.namespace}{key}"
         try:
             return locks.try_acquire(name, ttl=FILL_LOCK_TTL), False
         except LockAcquireError:
@@ -200,7 +198,7 @@ class Cache:
             )
             return None, True
 
-    def _release(self, lock: Any, key: str) -> None:
+    def _release(self, lock: Lock | None, key: str) -> None:
         if lock is None:
             return
         try:

@@ -7,6 +7,8 @@ django-redis's ``RedisCache``; any other store raises ``ImproperlyConfigured`` n
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.cache.backends.base import BaseCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.exceptions import ImproperlyConfigured
@@ -35,9 +37,10 @@ def _delete_prefix_locmem(store: LocMemCache, prefix: str) -> int:
     # LocMemCache stores make_key(key); with the default key function the user's key is its suffix, so every
     # stored key of this prefix starts with make_key(prefix).
     full_prefix = store.make_key(prefix)
-    with store._lock:
-        doomed = [key for key in store._cache if key.startswith(full_prefix)]
+    internals: Any = store  # LocMemCache's _lock, _cache and _expire_info are private (django-stubs omits them)
+    with internals._lock:
+        doomed = [key for key in internals._cache if key.startswith(full_prefix)]
         for key in doomed:
-            store._cache.pop(key, None)
-            store._expire_info.pop(key, None)
+            internals._cache.pop(key, None)
+            internals._expire_info.pop(key, None)
     return len(doomed)

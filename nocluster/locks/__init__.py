@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nocluster.locks.lock import Lock
 from nocluster.locks.manager import LockManager
 
-__all__ = ["LockManager"]
+__all__ = ["Lock", "LockManager"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from nocluster.durations import MAX_SECONDS
+
 # Longest ttl a lock may have, in seconds (~31 years): Redis refuses expiries near 2**63 ms, and a bound here
 # keeps every backend alike.
-MAX_TTL = 1e9
+MAX_TTL = MAX_SECONDS
 
 
 @dataclass(frozen=True)

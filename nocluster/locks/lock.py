@@ -7,6 +7,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from nocluster.durations import seconds
 from nocluster.errors import LockNotOwned
 from nocluster.locks.backend import MAX_TTL, Lease, LockBackend
 from nocluster.locks.renewal import LockRenewer
@@ -75,9 +76,7 @@ class Lock:
         Raises:
           LockNotOwned: the lock was lost or released.
         """
-        ttl = self.ttl if ttl is None else ttl
-        if not 0 < ttl <= MAX_TTL:
-            raise ValueError(f"lock {self.key!r}: ttl must be > 0 and at most {MAX_TTL:g} seconds, got {ttl!r}")
+        ttl = self.ttl if ttl is None else seconds(ttl, f"lock {self.key!r}: ttl", most=MAX_TTL)
         if self._released or not self.backend.extend(self._lease, ttl):
             self._lost_reason = self._lost_reason or "extend found it taken or released"
             raise self._not_owned()

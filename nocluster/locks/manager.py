@@ -8,19 +8,17 @@ Keys are namespaced ``"{app.name}:lock:{key}"``. The backend is chosen in ``NOCL
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import replace
-from numbers import Real
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from nocluster.durations import optional_seconds, seconds
 from nocluster.errors import LockAcquireError
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
 from nocluster.locks.backend import MAX_TTL, LockBackend, LockInfo
 from nocluster.locks.lock import Lock
 from nocluster.locks.renewal import stop_renewers
-
-if TYPE_CHECKING:
-    from nocluster.app import Application
 
 logger = logging.getLogger("nocluster.locks")
 T = TypeVar("T")
@@ -32,41 +30,27 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _check_seconds(key: str, what: str, value: object, allow_zero: bool, most: float = math.inf) -> float:
-    if type(value) is not float and type(value) is not int and (isinstance(value, bool) or not isinstance(value, Real)):
-        raise TypeError(f"lock {key!r}: {what} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"lock {key!r}: {what} must be a finite number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"lock {key!r}: {what} must be {bound} seconds, got {value!r}")
-    if value > most:
-        raise ValueError(f"lock {key!r}: {what} must be at most {most:g} seconds, got {value!r}")
-    return float(value)
-
-
-class LockManager:
+class LockManager(Component):
     """Locks across the cluster (or across threads, on the local backend).
 
     Parameters:
-      app: the :class:`~nocluster.app.Application` (its ``name`` prefixes keys, its ``instance_id`` is
-        recorded as the holder).
+      identity: the node (its ``name`` prefixes keys, its ``instance_id`` is recorded as the holder).
       backend: a :class:`~nocluster.locks.backend.LockBackend`.
     """
 
-    def __init__(self, app: Application, backend: LockBackend) -> None:
-        self.app = app
+    def __init__(self, identity: NodeIdentity, backend: LockBackend) -> None:
+        self.identity = identity
         self.backend = backend
 
     @property
     def prefix(self) -> str:
         """``"{app.name}:lock:"``, the start of every lock name of this app."""
-        return f"{self.app.name}:lock:"
+        return f"{self.identity.name}:lock:"
 
     @property
     def sequence(self) -> str:
         """``"{app.name}:lock-tokens"``: the counter every fencing token of this app comes from."""
-        return f"{self.app.name}:lock-tokens"
+        return f"{self.identity.name}:lock-tokens"
 
     def full_key(self, key: str) -> str:
         """The backend name of ``key``: ``"{app.name}:lock:{key}"``."""
@@ -90,17 +74,16 @@ class LockManager:
           BackendUnavailable: the lock server cannot be reached; names the key.
         """
         key = _check_key(key)
-        ttl = _check_seconds(key, "ttl", ttl, allow_zero=False, most=MAX_TTL)
-        if timeout is not None:
-            timeout = _check_seconds(key, "timeout", timeout, allow_zero=True)
+        ttl = seconds(ttl, f"lock {key!r}: ttl", most=MAX_TTL)
+        timeout = optional_seconds(timeout, f"lock {key!r}: timeout", allow_zero=True)
         name = self.prefix + key
-        lease = self.backend.acquire(name, self.app.instance_id, ttl, timeout, self.sequence)
+        lease = self.backend.acquire(name, self.identity.instance_id, ttl, timeout, self.sequence)
         if lease is None:
             raise LockAcquireError(f"lock {key!r} not acquired within {timeout} s: {self._holder(name)}")
         logger.debug(
             "lock %r acquired by %s (token %s, ttl %s s)",
             key,
-            self.app.instance_id,
+            self.identity.instance_id,
             lease.token,
             ttl,
             extra={"lock_key": key},
@@ -166,7 +149,7 @@ class LockManager:
         logger.warning(
             "lock %r force-released by %s (token %s): %s",
             key,
-            self.app.instance_id,
+            self.identity.instance_id,
             "any" if token is None else token,
             "released" if released else "nothing released",
             extra={"lock_key": key},
@@ -174,8 +157,8 @@ class LockManager:
         return released
 
     def close(self) -> None:
-        """Stop every auto-renewal thread of this process and close the backend's connections."""
-        stop_renewers()
+        """Stop the auto-renewal threads of this manager's locks and close the backend's connections."""
+        stop_renewers(self.backend)
         self.backend.close()
 
     # --- lifecycle ------------------------------------------------------------------------------------------

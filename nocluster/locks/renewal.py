@@ -18,10 +18,11 @@ logger = logging.getLogger("nocluster.locks")
 _renewers: weakref.WeakSet[LockRenewer] = weakref.WeakSet()
 
 
-def stop_renewers() -> None:
-    """Stop every renewal thread of this process (``LockManager.close()``, a stopping node)."""
+def stop_renewers(backend: LockBackend | None = None) -> None:
+    """Stop the renewal threads of ``backend``'s locks (every one of this process when None): a stopping node."""
     for renewer in list(_renewers):
-        renewer.stop()
+        if backend is None or renewer.backend is backend:
+            renewer.stop()
 
 
 class LockRenewer(threading.Thread):

@@ -75,10 +75,3 @@ class PubSubBackend(ABC):
 
     def after_fork(self) -> None:  # noqa: B027 (optional hook: in-process backends have nothing to forget)
         """In a forked child: forget the parent's threads and connections without closing them."""
-
-    def drain(self, timeout: float = 5.0) -> bool:
-        """Wait up to ``timeout`` seconds until everything published so far was delivered; True if so.
-
-        Only in-process backends can know this; the default says it cannot.
-        """
-        raise NotImplementedError(f"{type(self).__name__} cannot drain: it delivers through a broker")

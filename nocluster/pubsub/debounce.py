@@ -27,11 +27,12 @@ class Debouncer:
     """Runs ``fn`` for each key once its burst is over.
 
     Parameters:
-      name: the thread name.
+      name: the thread name, or a function returning it (read when the thread starts: a forked child names its
+        thread after its own instance id).
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str | Callable[[], str]) -> None:
+        self._name = name
         self._cond = threading.Condition()
         # key -> (deadline, latest deadline allowed, fn); the heap holds (deadline, tiebreak, key) entries,
         # stale ones are skipped when popped.
@@ -42,6 +43,10 @@ class Debouncer:
         self._stopping = False
         self._closed = False  # set by stop(): pushes are dropped until open()
         self._thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name() if callable(self._name) else self._name
 
     def open(self) -> None:
         """Accept pushes again after :meth:`stop` (the node started again)."""

@@ -2,25 +2,34 @@
 
 Policy lives here, the wire in the backend (:mod:`nocluster.pubsub.backend`): the manager prefixes channels with
 ``app.name``, wraps messages in an :class:`~nocluster.envelope.Envelope`, refuses non-JSON payloads, keeps the
-subscription table, filters the publisher's own messages, debounces, and isolates callbacks that raise.
+subscription table, filters the publisher's own messages, debounces, and isolates callbacks that raise. What a
+message from the wire can make raise is caught per message: a malformed envelope is logged and dropped, and the
+consumer goes on.
+
+:meth:`PubSubManager.drain` (ours) lets a caller wait until what was published before has been delivered: each
+node publishes a marker on the reserved channel ``nocluster.drain`` and waits until the markers of every node
+came back. Per-publisher order holds on every backend (one producer connection per node), so a marker that
+arrived proves that the same publisher's earlier messages arrived first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nocluster.db import close_old_connections
+from nocluster.durations import seconds
 from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, validate_channel
-from nocluster.errors import PublishError
+from nocluster.errors import MalformedMessage, PublishError
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
+from nocluster.pubsub.backend import PubSubBackend
 from nocluster.pubsub.debounce import Debouncer
-
-if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.pubsub.backend import PubSubBackend
 
 logger = logging.getLogger("nocluster.pubsub")
 
@@ -28,6 +37,8 @@ Callback = Callable[[Any], Any]
 
 # How many message ids each instance remembers to drop redeliveries.
 RECENT_IDS = 10_000
+# The reserved channel of drain() markers.
+MARKER_CHANNEL = "nocluster.drain"
 
 
 class RecentIds:
@@ -53,17 +64,19 @@ class Subscription:
     debounce: float = 0.0
 
 
-class PubSubManager:
+class PubSubManager(Component):
     """Publish to and subscribe on channels shared by every instance of ``app.name``.
 
     Parameters:
-      app: the application (its ``name`` prefixes channels, its ``instance_id`` marks envelopes).
+      identity: the node (its ``name`` prefixes channels, its ``instance_id`` marks envelopes).
       backend: a :class:`~nocluster.pubsub.backend.PubSubBackend` built from ``NOCLUSTER["PUBSUB"]``.
+      debouncer: runs debounced callbacks (shared with the sync messages); opened and stopped with this manager.
     """
 
-    def __init__(self, app: Application, backend: PubSubBackend) -> None:
-        self.app = app
+    def __init__(self, identity: NodeIdentity, backend: PubSubBackend, debouncer: Debouncer) -> None:
+        self.identity = identity
         self.backend = backend
+        self.debouncer = debouncer
         self._lock = threading.RLock()
         # Held across a subscription table change and the backend call it implies, so a subscribe racing an
         # unsubscribe of the same channel cannot leave a subscriber the backend no longer delivers to. Not
@@ -71,18 +84,18 @@ class PubSubManager:
         self._bind_lock = threading.RLock()
         self._subscriptions: dict[str, dict[Callback, Subscription]] = {}
         self._reconnect_listeners: list[Callable[[], None]] = []
-        self.debouncer = Debouncer(f"nocluster-pubsub-debounce-{app.instance_id[:8]}")
         self._recent = RecentIds(RECENT_IDS)
+        self._markers: set[str] = set()
         self.started = False
-        backend.attach(self, app.name)
+        backend.attach(self, identity.name)
 
     # --- names ---------------------------------------------------------------------------------------
     def full_channel(self, channel: str) -> str:
         """The wire name of ``channel``: ``"{app.name}.{channel}"``."""
-        return f"{self.app.name}.{validate_channel(channel)}"
+        return f"{self.identity.name}.{validate_channel(channel)}"
 
     def _short(self, full_channel: str) -> str | None:
-        prefix = f"{self.app.name}."
+        prefix = f"{self.identity.name}."
         return full_channel[len(prefix) :] if full_channel.startswith(prefix) else None
 
     # --- public API ----------------------------------------------------------------------------------
@@ -100,13 +113,12 @@ class PubSubManager:
         full = self.full_channel(channel)
         if not callable(callback):
             raise TypeError(f"channel {channel!r}: callback {callback!r} is not callable")
-        if debounce < 0:
-            raise ValueError(f"channel {channel!r}: debounce must be >= 0 seconds, got {debounce!r}")
+        delay = seconds(debounce, f"channel {channel!r}: debounce", allow_zero=True)
         with self._bind_lock:
             with self._lock:
                 callbacks = self._subscriptions.setdefault(channel, {})
                 first = not callbacks
-                callbacks[callback] = Subscription(callback, float(debounce))
+                callbacks[callback] = Subscription(callback, delay)
             if first:
                 self.backend.subscribe(full)
 
@@ -138,21 +150,21 @@ class PubSubManager:
         Returns after the broker accepted the message.
 
         Raises:
-          TypeError: ``message`` is not JSON (the message names the channel).
+          TypeError: ``message`` is not JSON, or a flag is not a bool (the message names the channel).
           InvalidChannel: the channel name is empty or malformed.
           PublishError: the broker could not be reached.
         """
         full = self.full_channel(channel)
         ensure_json(channel, message)
-        envelope = Envelope(
-            publisher_id=self.app.instance_id, message=message, skip_self=skip_self, only_self=only_self
-        )
+        for flag, value in (("skip_self", skip_self), ("only_self", only_self)):
+            if not isinstance(value, bool):
+                raise TypeError(f"channel {channel!r}: {flag} must be a bool, got {value!r}")
+        envelope = Envelope(self.identity.instance_id, message, skip_self=skip_self, only_self=only_self)
         if only_self:
             self._dispatch(channel, envelope)
             return envelope.id
         try:
-            # Envelope.to_json() deep-copies through dataclasses.asdict; one flat dict gives the same JSON, faster.
-            self.backend.publish(full, dumps(vars(envelope)))
+            self.backend.publish(full, dumps(envelope.to_wire()))
         except PublishError:
             raise
         except Exception as exc:
@@ -166,6 +178,55 @@ class PubSubManager:
             if listener not in self._reconnect_listeners:
                 self._reconnect_listeners.append(listener)
 
+    # --- waiting for what was published ----------------------------------------------------------------
+    def drain(self, timeout: float = 10.0, peers: Iterable[PubSubManager] = ()) -> bool:
+        """Wait until messages published so far by this node and by ``peers`` reached every one of them, and no
+        debounced call is pending or running (``timeout`` seconds in all); True if that happened.
+
+        Only started managers take part (a stopped one receives nothing). For tests and tools: a test asserts
+        that something did *not* arrive after this returns, instead of sleeping.
+        """
+        managers = [manager for manager in (self, *peers) if manager.started]
+        for manager in managers:
+            # Bound before anyone publishes a marker (subscribe returns once the broker binding is in place).
+            manager.subscribe(MARKER_CHANNEL, manager._on_marker)
+        deadline = time.monotonic() + timeout
+        # Twice in a row: a delivery may push a debounced call, and a debounced call may publish again.
+        quiet_rounds = 0
+        used: list[str] = []
+        while quiet_rounds < 2:
+            tokens = [manager._publish_marker() for manager in managers]
+            used += tokens
+            while not all(manager._seen_marker(token) for manager in managers for token in tokens):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.002)
+            if all(manager.debouncer.idle() for manager in managers):
+                quiet_rounds += 1
+            else:
+                quiet_rounds = 0
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.005)
+        for manager in managers:
+            with manager._lock:
+                manager._markers.difference_update(used)
+        return True
+
+    def _publish_marker(self) -> str:
+        token = uuid.uuid4().hex
+        self.publish(MARKER_CHANNEL, token, skip_self=False)
+        return token
+
+    def _seen_marker(self, token: str) -> bool:
+        with self._lock:
+            return token in self._markers
+
+    def _on_marker(self, token: Any) -> None:
+        if isinstance(token, str):
+            with self._lock:
+                self._markers.add(token)
+
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Start this node's consumer (idempotent); every subscription made so far is bound."""
@@ -174,7 +235,7 @@ class PubSubManager:
                 return
             self.started = True
         self.debouncer.open()
-        self.backend.connect(self.app.instance_id)
+        self.backend.connect(self.identity.instance_id)
 
     def stop(self) -> None:
         """Stop the consumer, drop pending debounced calls and join the threads."""
@@ -195,46 +256,45 @@ class PubSubManager:
         self.started = False
         self.backend.after_fork()
         self.debouncer.after_fork()
-        self.debouncer.name = f"nocluster-pubsub-debounce-{self.app.instance_id[:8]}"
-
-    def drain(self, timeout: float = 5.0) -> bool:
-        """Local backends: wait until published messages are delivered (seconds); debounced calls may still be
-        pending (``nocluster.testing.drain`` waits for those too)."""
-        return self.backend.drain(timeout)
 
     # --- called by the backend -----------------------------------------------------------------------
     def deliver(self, full_channel: str, data: JSON) -> None:
+        """Dispatch one decoded envelope (the backend's consumer thread). Never raises: a malformed envelope is
+        logged once and dropped, any other error is logged with the channel."""
         channel = self._short(full_channel)
         if channel is None:
             return
         try:
-            if not isinstance(data, dict):
-                raise ValueError("envelope is not a JSON object")
-            envelope = Envelope(**data)
-        except (TypeError, ValueError) as exc:
+            envelope = Envelope.from_wire(data)
+            if envelope.skip_self and envelope.publisher_id == self.identity.instance_id:
+                return
+            if self._recent.seen(envelope.id):
+                # RabbitMQ delivers again what was unacknowledged when a connection dropped.
+                logger.debug("channel %r: duplicate %s dropped on %s", channel, envelope.id, self.identity.instance_id)
+                return
+            self._dispatch(channel, envelope)
+        except MalformedMessage as exc:
             logger.error(
-                "channel %r: dropped a malformed envelope on instance %s: %s", channel, self.app.instance_id, exc
-            )
-            return
-        if envelope.skip_self and envelope.publisher_id == self.app.instance_id:
-            return
-        if self._recent.seen(envelope.id):
-            # RabbitMQ delivers again what was unacknowledged when a connection dropped.
-            logger.debug("channel %r: duplicate %s dropped on %s", channel, envelope.id, self.app.instance_id)
-            return
-        self._dispatch(channel, envelope)
+                "channel %r: dropped a malformed envelope on instance %s: %s",
+                channel, self.identity.instance_id, exc, extra={"channel": channel},
+            )  # fmt: skip
+        except Exception:
+            logger.exception(
+                "channel %r: delivery failed on instance %s", channel, self.identity.instance_id,
+                extra={"channel": channel},
+            )  # fmt: skip
 
     def connection_revived(self, reconnected: bool) -> None:
         if not reconnected:
             return
-        logger.warning("pub/sub of instance %s reconnected: subscriptions re-bound", self.app.instance_id)
+        logger.warning("pub/sub of instance %s reconnected: subscriptions re-bound", self.identity.instance_id)
         with self._lock:
             listeners = list(self._reconnect_listeners)
         for listener in listeners:
             try:
                 listener()
             except Exception:
-                logger.exception("reconnect listener %r failed on instance %s", listener, self.app.instance_id)
+                logger.exception("reconnect listener %r failed on instance %s", listener, self.identity.instance_id)
 
     # --- internals -----------------------------------------------------------------------------------
     def _dispatch(self, channel: str, envelope: Envelope) -> None:
@@ -262,10 +322,8 @@ class PubSubManager:
         except Exception:
             logger.exception(
                 "pub/sub callback %r raised on channel %r, message %s, instance %s",
-                callback,
-                channel,
-                envelope.id,
-                self.app.instance_id,
-            )
+                callback, channel, envelope.id, self.identity.instance_id,
+                extra={"channel": channel, "message_id": envelope.id},
+            )  # fmt: skip
         finally:
             close_old_connections()

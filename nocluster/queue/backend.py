@@ -1,18 +1,52 @@
 """The event queue backend interface: the wire only. Policy (prefix, JSON check, retries, failures) is the manager's.
 
 A backend carries :class:`~nocluster.queue.message.Message` objects to the consumers of a channel and, when
-a node takes one, calls ``manager.deliver(message, node)``, which runs it and decides what happens next
-(done, retry through :meth:`QueueBackend.publish` with a delay, or a failed record).
+a node takes one, calls back into its :class:`QueueListener` (the manager), which runs it and decides what
+happens next (done, retry through :meth:`QueueBackend.publish` with a delay, or a failed record).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from nocluster.queue.manager import EventQueue
-    from nocluster.queue.message import Message, Subscription
+from nocluster.identity import NodeIdentity
+from nocluster.queue.message import Message, Subscription
+from nocluster.queue.runner import Outcome
+
+
+class QueueListener(Protocol):
+    """What a backend calls back into: the :class:`~nocluster.queue.manager.EventQueue` that owns it."""
+
+    identity: NodeIdentity
+
+    def full_channel(self, channel: str) -> str:
+        """``"{app.name}.{channel}"``."""
+        ...
+
+    def channels(self) -> list[str]:
+        """The subscribed channels (without prefix)."""
+        ...
+
+    def subscription(self, channel: str) -> Subscription:
+        """The subscription of ``channel``; raises ``UnknownChannel`` if there is none."""
+        ...
+
+    def deliver(self, message: Message, node: str, grace: float | None = None) -> Outcome:
+        """Run ``message`` here and settle it (done, retry, failed record)."""
+        ...
+
+    def execute(self, subscription: Subscription, message: Message, grace: float | None = None) -> Outcome:
+        """Run ``message`` once, without settling it."""
+        ...
+
+    def settle(self, message: Message, outcome: Outcome, node: str) -> None:
+        """After a try: nothing, a retry with backoff, or a failed record."""
+        ...
+
+    def fail_or_retry(self, message: Message, error: str, node: str) -> None:
+        """Publish the next try of ``message`` after its backoff, or record it as failed."""
+        ...
 
 
 class QueueBackend(ABC):
@@ -29,9 +63,9 @@ class QueueBackend(ABC):
     retry_backoff: float = 1.0
     retry_backoff_max: float = 60.0
 
-    manager: EventQueue
+    manager: QueueListener
 
-    def attach(self, manager: EventQueue) -> None:
+    def attach(self, manager: QueueListener) -> None:
         """Called once by the manager that owns this backend."""
         self.manager = manager
 
@@ -44,6 +78,15 @@ class QueueBackend(ABC):
         """Queue ``message`` on ``full_channel``, to be taken no sooner than ``delay`` seconds from now.
 
         Returns after the message is queued (for a broker: accepted by it).
+        """
+
+    @abstractmethod
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait up to ``timeout`` seconds until no message of this app is queued, delayed, held or running
+        anywhere; True if that happened.
+
+        For tests and tools: once it returns True, nothing published before can still run (a retry is queued
+        before its try is acknowledged), so a test can assert that something did *not* happen.
         """
 
     def start(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)

@@ -1,8 +1,8 @@
-"""Failed messages: recorded in the database (``nocluster.models.FailedMessage``), never dropped; re-queued on demand.
+"""Failed messages: recorded in the database (``nocluster.models.FailedMessage``), never dropped.
 
 ``message_failed`` (a Django signal) is sent after a record is written, with ``message`` (the
 :class:`~nocluster.queue.message.Message`), ``error`` and ``node``, so that e.g. the tasks app can mark its
-task failed.
+task failed. Re-queueing a record is :meth:`nocluster.queue.manager.EventQueue.requeue`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,24 @@ from nocluster.queue.message import Message
 
 if TYPE_CHECKING:
     from nocluster.models import FailedMessage
-    from nocluster.queue.manager import EventQueue
 
 logger = logging.getLogger("nocluster.queue")
 
 message_failed = Signal()
 
 
-def record(queue: EventQueue, message: Message, error: str, node: str) -> None:
-    """Write the failed record of ``message``; if even that fails, log the whole message at ERROR and raise."""
+def failed_message_model() -> type[FailedMessage]:
+    """The model, imported on use: this module loads before Django's app registry is ready."""
     from nocluster.models import FailedMessage
 
+    return FailedMessage
+
+
+def record(app_name: str, message: Message, error: str, node: str) -> None:
+    """Write the failed record of ``message``; if even that fails, log the whole message at ERROR and raise."""
     try:
-        FailedMessage.objects.create(
-            app_name=queue.app.name,
+        failed_message_model().objects.create(
+            app_name=app_name,
             channel=message.channel,
             message_id=message.id,
             payload=message.payload,
@@ -42,19 +46,9 @@ def record(queue: EventQueue, message: Message, error: str, node: str) -> None:
         )
     except Exception:
         logger.exception(
-            "could not record failed message %s of %s; message: %s",
-            message.id, queue.full_channel(message.channel), json.dumps(message.to_json()),
+            "could not record failed message %s of %s.%s; message: %s",
+            message.id, app_name, message.channel, json.dumps(message.to_wire()),
+            extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         raise
-    message_failed.send(sender=type(queue), message=message, error=error, node=node)
-
-
-def requeue(queue: EventQueue, failed: FailedMessage) -> str:
-    """Publish ``failed`` again as a new message (same channel, payload, timeout, max_retries); delete the record.
-
-    The publish comes first: if it raises, the record stays. Returns the new message id.
-    """
-    message_id = queue.publish(failed.channel, failed.payload, timeout=failed.timeout, max_retries=failed.max_retries)
-    failed.delete()
-    logger.info("failed message %s of %s re-queued as %s", failed.message_id, failed.channel, message_id)
-    return message_id
+    message_failed.send(sender=Message, message=message, error=error, node=node)

@@ -14,30 +14,37 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from nocluster.durations import count, seconds
 from nocluster.envelope import ensure_json, validate_channel
-from nocluster.errors import UnknownChannel
+from nocluster.errors import NoclusterError, PublishError, UnknownChannel
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
 from nocluster.queue import failures
+from nocluster.queue.backend import QueueBackend
 from nocluster.queue.message import Message, Process, Subscription
 from nocluster.queue.runner import Outcome, run_message
 from nocluster.queue.signal import CANCELLED, AbortSignal
 
 if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.queue.backend import QueueBackend
+    from nocluster.models import FailedMessage
 
 logger = logging.getLogger("nocluster.queue")
 
 
-class EventQueue:
+# The most retries a message may ask for.
+MAX_RETRIES = 1000
+
+
+class EventQueue(Component):
     """Publish work on a channel; a node subscribed to it runs ``process(payload, context)``.
 
     Parameters:
-      app: the :class:`~nocluster.app.Application` (its ``name`` prefixes channels).
+      identity: the node (its ``name`` prefixes channels; its instance id names it in logs and records).
       backend: a :class:`~nocluster.queue.backend.QueueBackend`.
     """
 
-    def __init__(self, app: Application, backend: QueueBackend) -> None:
-        self.app = app
+    def __init__(self, identity: NodeIdentity, backend: QueueBackend) -> None:
+        self.identity = identity
         self.backend = backend
         self._subscriptions: dict[str, Subscription] = {}
         self._running: dict[str, AbortSignal] = {}
@@ -47,7 +54,7 @@ class EventQueue:
     # --- channels -------------------------------------------------------------------------------------
     def full_channel(self, channel: str) -> str:
         """The channel on the wire: ``"{app.name}.{channel}"``."""
-        return f"{self.app.name}.{channel}"
+        return f"{self.identity.name}.{channel}"
 
     def subscribe(
         self, channel: str, process: Process, concurrency: int = 1, idle: Callable[[], bool] | None = None
@@ -64,8 +71,9 @@ class EventQueue:
         Subscribing a channel again replaces its process.
         """
         validate_channel(channel)
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"channel {channel!r}: concurrency must be an int >= 1, got {concurrency!r}")
+        count(concurrency, f"channel {channel!r}: concurrency", least=1, most=1000)
+        if not callable(process) or (idle is not None and not callable(idle)):
+            raise TypeError(f"channel {channel!r}: process and idle must be callable")
         subscription = Subscription(channel, process, concurrency, idle)
         with self._lock:
             self._subscriptions[channel] = subscription
@@ -77,7 +85,7 @@ class EventQueue:
             return self._subscriptions[channel]
         except KeyError:
             raise UnknownChannel(
-                f"event queue channel {channel!r} of app {self.app.name!r} has no subscriber in this project "
+                f"event queue channel {channel!r} of app {self.identity.name!r} has no subscriber in this project "
                 f"(subscribe it in a plugin's load(); known: {sorted(self._subscriptions)})"
             ) from None
 
@@ -104,28 +112,36 @@ class EventQueue:
 
         Raises:
           UnknownChannel: nothing subscribed to ``channel``.
-          TypeError: ``payload`` is not JSON.
+          TypeError: ``payload`` is not JSON, or ``timeout``/``max_retries`` is not a number (``bool`` included).
           ValueError: ``timeout`` or ``max_retries`` are out of range.
+          PublishError: the broker refused the message or cannot be reached (outside a transaction).
         """
         self.subscription(channel)
         ensure_json(channel, payload)
-        self._check_limits(channel, timeout, max_retries)
-        message = Message(channel, payload, timeout=float(timeout), max_retries=max_retries)
+        message = Message(channel, payload, *self._checked_limits(channel, timeout, max_retries))
         full_channel = self.full_channel(channel)
         if connections[using or DEFAULT_DB_ALIAS].in_atomic_block:
-            transaction.on_commit(lambda: self.backend.publish(full_channel, message), using=using)
+            transaction.on_commit(lambda: self._send(full_channel, message), using=using)
         else:
-            self.backend.publish(full_channel, message)
+            self._send(full_channel, message)
         return message.id
 
-    def _check_limits(self, channel: str, timeout: float, max_retries: int) -> None:
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"channel {channel!r}: timeout must be a number of seconds > 0, got {timeout!r}")
-        problem = self.backend.check_timeout(float(timeout))
+    def _checked_limits(self, channel: str, timeout: object, max_retries: object) -> tuple[float, int]:
+        seconds_ = seconds(timeout, f"channel {channel!r}: timeout")
+        problem = self.backend.check_timeout(seconds_)
         if problem:
             raise ValueError(f"channel {channel!r}: {problem}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"channel {channel!r}: max_retries must be an int >= 0, got {max_retries!r}")
+        return seconds_, count(max_retries, f"channel {channel!r}: max_retries", most=MAX_RETRIES)
+
+    def _send(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
+        try:
+            self.backend.publish(full_channel, message, delay=delay)
+        except NoclusterError:
+            raise
+        except Exception as exc:
+            raise PublishError(
+                f"queue channel {message.channel!r}: message {message.id} not queued: {type(exc).__name__}: {exc}"
+            ) from exc
 
     # --- running (called by backends) ------------------------------------------------------------------------
     def deliver(self, message: Message, node: str, grace: float | None = None) -> Outcome:
@@ -170,14 +186,14 @@ class EventQueue:
                 error.splitlines()[0] if error else "",
             )  # fmt: skip
             try:
-                self.backend.publish(full_channel, message.next_try(), delay=delay)
+                self._send(full_channel, message.next_try(), delay=delay)
                 return
             except Exception as exc:
                 error = f"{error}\n(retry could not be published: {type(exc).__name__}: {exc})"
         logger.error(
             "%s %s failed on %s after %d tries: %s", full_channel, message.id, node, message.retried + 1, error
         )
-        failures.record(self, message, error, node)
+        failures.record(self.identity.name, message, error, node)
 
     # --- cancellation ------------------------------------------------------------------------------------------
     def cancel(self, message_id: str, reason: str = CANCELLED) -> bool:
@@ -193,6 +209,24 @@ class EventQueue:
         """Ids of the messages running in this process now."""
         with self._lock:
             return list(self._running)
+
+    def requeue(self, failed: FailedMessage) -> str:
+        """Publish the failed record ``failed`` again as a new message (same channel, payload, timeout,
+        max_retries) and delete the record; return the new message id. The publish comes first: if it raises,
+        the record stays."""
+        message_id = self.publish(
+            failed.channel, failed.payload, timeout=failed.timeout, max_retries=failed.max_retries
+        )
+        failed.delete()
+        logger.info("failed message %s of %s re-queued as %s", failed.message_id, failed.channel, message_id)
+        return message_id
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until nothing of this app is queued, delayed, held or running (``timeout`` seconds); True if so.
+
+        For tests and tools (see :meth:`QueueBackend.drain`).
+        """
+        return self.backend.drain(timeout)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from nocluster.envelope import JSON
+from nocluster.durations import seconds
+from nocluster.envelope import JSON, validate_channel, wire_field, wire_id, wire_json, wire_object
+from nocluster.errors import InvalidChannel, MalformedMessage
 from nocluster.queue.signal import AbortSignal
 
 
 @dataclass
 class Message:
-    """One queued piece of work. ``to_json()`` is what a backend carries (JSON only).
+    """One queued piece of work. ``to_wire()`` is what a backend carries (JSON only).
 
     Attributes:
       id: uuid4 hex, stable across retries and redeliveries (``context.id``).
@@ -34,7 +37,8 @@ class Message:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     published_at: float = field(default_factory=time.time)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object a backend carries."""
         return {
             "channel": self.channel,
             "payload": self.payload,
@@ -46,12 +50,30 @@ class Message:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Message:
-        return cls(**data)
+    def from_wire(cls, data: object) -> Message:
+        """Parse a message off the wire; unknown fields are ignored. Raises :class:`MalformedMessage`."""
+        what = "event queue message"
+        fields = wire_object(data, what)
+        try:
+            channel = validate_channel(wire_field(fields, "channel", str, what))
+            timeout = seconds(wire_field(fields, "timeout", (int, float), what), f"{what}: timeout")
+        except (InvalidChannel, ValueError) as exc:
+            raise MalformedMessage(f"{what}: {exc}") from None
+        counts = {name: wire_field(fields, name, int, what) for name in ("max_retries", "retried")}
+        if min(counts.values()) < 0:
+            raise MalformedMessage(f"{what}: max_retries and retried must be >= 0, got {counts}")
+        return cls(
+            channel=channel,
+            payload=wire_json(fields, "payload", what),
+            timeout=timeout,
+            id=wire_id(fields, "id", what),
+            published_at=float(wire_field(fields, "published_at", (int, float), what)),
+            **counts,
+        )
 
     def next_try(self) -> Message:
         """The same message for its next try (``retried`` + 1)."""
-        return Message(**{**self.to_json(), "retried": self.retried + 1})
+        return dataclasses.replace(self, retried=self.retried + 1)
 
 
 class Process(Protocol):

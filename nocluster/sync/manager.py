@@ -18,18 +18,28 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.db import transaction
 
 from nocluster.db import close_old_connections
-from nocluster.envelope import JSON, canonical, ensure_json, validate_channel
+from nocluster.durations import optional_seconds, seconds
+from nocluster.envelope import (
+    JSON,
+    canonical,
+    ensure_json,
+    validate_channel,
+    wire_field,
+    wire_id,
+    wire_json,
+    wire_object,
+)
+from nocluster.errors import MalformedMessage
+from nocluster.identity import NodeIdentity
+from nocluster.lifecycle import Component
+from nocluster.pubsub.debounce import Debouncer
+from nocluster.pubsub.manager import PubSubManager
 from nocluster.sync.sequence import GapDetector, SequenceCounter, resync_marker
-
-if TYPE_CHECKING:
-    from nocluster.app import Application
-    from nocluster.plugin import Plugin
-    from nocluster.pubsub.manager import PubSubManager
 
 logger = logging.getLogger("nocluster.sync")
 
@@ -43,12 +53,55 @@ class SyncSubscription:
     resync: Callable[[str], Any] | None = None
 
 
-class SyncMessageManager:
-    """Sync messages between the instances of ``app.name``, on top of ``app.pub_sub_manager``."""
+@dataclass(frozen=True)
+class SyncPayload:
+    """A sync message as it travels in the pub/sub message: ``{"seq", "source", "message"}``."""
 
-    def __init__(self, app: Application) -> None:
-        self.app = app
-        self.debounce = float(app.config.get("SYNC", {}).get("DEBOUNCE", 1.0))
+    seq: int
+    source: str
+    message: JSON
+
+    def to_wire(self) -> dict[str, JSON]:
+        return {"seq": self.seq, "source": self.source, "message": self.message}
+
+    @classmethod
+    def from_wire(cls, data: object) -> SyncPayload:
+        """Parse what arrived on a sync channel; raises :class:`~nocluster.errors.MalformedMessage`."""
+        what = "sync message"
+        fields = wire_object(data, what)
+        seq = wire_field(fields, "seq", int, what)
+        if seq < 1:
+            raise MalformedMessage(f"{what}: field 'seq' must be >= 1, got {seq}")
+        return cls(seq, wire_id(fields, "source", what), wire_json(fields, "message", what))
+
+
+class SyncPlugin(Protocol):
+    """What :meth:`SyncMessageManager.register_plugin` needs of a plugin."""
+
+    name: str
+    sync_debounce: float | None
+
+    def handle_sync_message(self, message: Any) -> None: ...
+
+    def resync(self, reason: str) -> None: ...
+
+
+class SyncMessageManager(Component):
+    """Sync messages between the instances of ``app.name``, on top of the pub/sub manager.
+
+    Parameters:
+      identity: this node (its instance id is the ``source`` of what it sends).
+      pubsub: the pub/sub manager the messages travel on.
+      debouncer: where debounced calls wait (the pub/sub manager's, started and stopped with it).
+      debounce: default seconds over which equal messages make one call (``NOCLUSTER["SYNC"]["DEBOUNCE"]``).
+    """
+
+    def __init__(self, identity: NodeIdentity, pubsub: PubSubManager, debouncer: Debouncer, debounce: float) -> None:
+        self.identity = identity
+        self.pubsub = pubsub
+        self.debouncer = debouncer
+        self.debounce = seconds(debounce, 'NOCLUSTER["SYNC"]["DEBOUNCE"]', allow_zero=True)
+        pubsub.on_reconnect(self._on_reconnect)
         self._lock = threading.RLock()
         # Held from taking a sequence number to handing the message to the broker: two threads of this node
         # must not put seq N+1 on the wire before seq N (the receivers would see a gap and resync for nothing).
@@ -57,15 +110,6 @@ class SyncMessageManager:
         self._receivers: dict[str, Callback] = {}
         self._sequences = SequenceCounter()
         self._gaps = GapDetector()
-        self._hooked = False
-
-    @property
-    def pubsub(self) -> PubSubManager:
-        pubsub = self.app.pub_sub_manager
-        if not self._hooked:
-            pubsub.on_reconnect(self._on_reconnect)
-            self._hooked = True
-        return pubsub
 
     # --- public API ----------------------------------------------------------------------------------
     def publish(self, channel: str, message: JSON, using: str | None = None) -> None:
@@ -96,7 +140,8 @@ class SyncMessageManager:
             None, ``callback`` gets the resync marker (:func:`nocluster.sync.sequence.resync_marker`) instead.
         """
         validate_channel(channel)
-        delay = self.debounce if debounce is None else float(debounce)
+        given = optional_seconds(debounce, f"sync channel {channel!r}: debounce", allow_zero=True)
+        delay = self.debounce if given is None else given
         with self._lock:
             self._subscriptions.setdefault(channel, {})[callback] = SyncSubscription(callback, delay, resync)
             receiver = self._receivers.get(channel)
@@ -115,14 +160,14 @@ class SyncMessageManager:
         if receiver is not None:
             self.pubsub.unsubscribe(f"sync.{channel}", receiver)
 
-    def register_plugin(self, plugin: Plugin) -> None:
+    def register_plugin(self, plugin: SyncPlugin) -> None:
         """Subscribe ``plugin.handle_sync_message`` on the plugin's channel, with ``plugin.resync`` (plugin runner).
 
         The debounce is the plugin's ``sync_debounce`` (seconds) when it sets one, else the setting's.
         """
         self.subscribe(
             plugin.name,
-            plugin.handle_sync_message,  # type: ignore[attr-defined]
+            plugin.handle_sync_message,
             debounce=plugin.sync_debounce,
             resync=plugin.resync,
         )
@@ -134,9 +179,7 @@ class SyncMessageManager:
         for name in channels:
             for subscription in self._subscriptions_of(name):
                 key = ("sync-resync", name, subscription.callback)
-                self.pubsub.debouncer.push(
-                    key, subscription.debounce, partial(self._resync_one, name, subscription, reason)
-                )
+                self.debouncer.push(key, subscription.debounce, partial(self._resync_one, name, subscription, reason))
 
     def after_fork(self) -> None:
         """In a forked child (a new instance): number its messages afresh and forget what the parent saw."""
@@ -154,35 +197,32 @@ class SyncMessageManager:
         # The number is taken even if the publish fails: receivers then see a gap at the next one and resync.
         try:
             with self._send_lock:
-                payload = {"seq": self._sequences.next(channel), "source": self.app.instance_id, "message": message}
-                self.pubsub.publish(f"sync.{channel}", payload, skip_self=True)
+                payload = SyncPayload(self._sequences.next(channel), self.identity.instance_id, message)
+                self.pubsub.publish(f"sync.{channel}", payload.to_wire(), skip_self=True)
         except Exception:
-            logger.exception("sync channel %r: message not sent by instance %s", channel, self.app.instance_id)
+            logger.exception("sync channel %r: message not sent by instance %s", channel, self.identity.instance_id)
             raise
 
-    def _receive(self, channel: str, payload: Any) -> None:
-        if not isinstance(payload, dict) or not isinstance(payload.get("seq"), int) or "message" not in payload:
-            logger.error(
-                "sync channel %r: dropped a message without seq/message on instance %s", channel, self.app.instance_id
-            )
+    def _receive(self, channel: str, data: Any) -> None:
+        try:
+            payload = SyncPayload.from_wire(data)
+        except MalformedMessage as exc:
+            logger.error("sync channel %r: dropped on instance %s: %s", channel, self.identity.instance_id, exc)
             return
-        missed = self._gaps.observe(channel, str(payload.get("source")), payload["seq"])
+        missed = self._gaps.observe(channel, payload.source, payload.seq)
         if missed:
             logger.warning(
                 "sync channel %r: %d message(s) from %s missed by instance %s; resyncing",
-                channel,
-                missed,
-                payload.get("source"),
-                self.app.instance_id,
-            )
+                channel, missed, payload.source, self.identity.instance_id,
+            )  # fmt: skip
             self.resync(channel, reason="gap")
-        message = payload["message"]
-        message_id = f"{payload.get('source')}#{payload['seq']}"
+        message = payload.message
+        message_id = f"{payload.source}#{payload.seq}"
         for subscription in self._subscriptions_of(channel):
             call = partial(self._call_subscribed, channel, subscription.callback, message, message_id)
             if subscription.debounce > 0:
                 key = ("sync", channel, subscription.callback, canonical(message))
-                self.pubsub.debouncer.push(key, subscription.debounce, call)
+                self.debouncer.push(key, subscription.debounce, call)
             else:
                 call()
 
@@ -193,9 +233,10 @@ class SyncMessageManager:
     def _resync_one(self, channel: str, subscription: SyncSubscription, reason: str) -> None:
         if not self._subscribed(channel, subscription.callback):
             return
-        logger.info("sync channel %r: resync (%s) on instance %s", channel, reason, self.app.instance_id)
-        if subscription.resync is not None:
-            self._call(channel, lambda _: subscription.resync(reason), None, f"resync:{reason}")  # type: ignore[misc]
+        logger.info("sync channel %r: resync (%s) on instance %s", channel, reason, self.identity.instance_id)
+        resync = subscription.resync
+        if resync is not None:
+            self._call(channel, lambda _: resync(reason), None, f"resync:{reason}")
         else:
             self._call(channel, subscription.callback, resync_marker(reason), f"resync:{reason}")
 
@@ -215,7 +256,7 @@ class SyncMessageManager:
             callback(message)
         except Exception:
             logger.exception(
-                "sync callback %r raised on channel %r, instance %s", callback, channel, self.app.instance_id
+                "sync callback %r raised on channel %r, instance %s", callback, channel, self.identity.instance_id
             )
         finally:
             close_old_connections()

@@ -12,7 +12,6 @@ from django.db import transaction
 
 from nocluster import Application, UnknownChannel
 from nocluster.models import FailedMessage
-from nocluster.queue.failures import requeue
 from settings.test import RUN_ID
 from tests.helpers import wait_until
 from tests.queue import scenarios
@@ -141,7 +140,7 @@ def test_a_failed_message_can_be_requeued(memory_app: Application, transactional
     assert memory_app.event_queue.backend.drain(10)
     record = FailedMessage.objects.get(message_id=message_id)
 
-    new_id = requeue(memory_app.event_queue, record)
+    new_id = memory_app.event_queue.requeue(record)
 
     assert memory_app.event_queue.backend.drain(10)
     assert of(events(memory_app, "flaky"), new_id)

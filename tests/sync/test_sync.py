@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from django.db import transaction
 from nocluster import Application, InvalidChannel, Plugin
 from nocluster.models import InstalledPlugin
 from nocluster.sync.sequence import GapDetector, is_resync
-from nocluster.testing import drain
+from nocluster.testing import drain, wait_until
 from tests.pubsub.test_contract import Inbox
 
 
@@ -254,7 +253,8 @@ def test_a_pending_debounced_call_does_not_run_after_unsubscribe(
     inbox = Inbox()
     receiver.sync_message_manager.subscribe("schema", inbox, debounce=0.5)
     sender.sync_message_manager.publish("schema", "x")
-    receiver.pub_sub_manager.drain()  # delivered: the call is now pending in the debouncer
+    # Delivered: the call is now pending in the debouncer
+    wait_until(lambda: not receiver.pub_sub_manager.debouncer.idle(), timeout=5)
     receiver.sync_message_manager.unsubscribe("schema", inbox)
     drain(sender, receiver)
     assert inbox.items == []
@@ -266,6 +266,6 @@ def test_a_stopped_node_runs_no_debounced_call(make_node: Callable[[], Applicati
     node.pub_sub_manager.subscribe("news", inbox, debounce=0.1)
     node.pub_sub_manager.stop()
     node.pub_sub_manager.publish("news", "after stop", only_self=True)
-    time.sleep(0.3)  # longer than the debounce: a call that was wrongly accepted would have run
-    assert inbox.items == []
+    # A call wrongly accepted would be pending now (its debounce is 0.1 s): nothing is, and no thread runs one
     assert node.pub_sub_manager.debouncer.idle()
+    assert inbox.items == []

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nocluster import Application
+from nocluster import Application, PublishError
 from nocluster.models import FailedMessage
 from plugins.async_task_manager.jobs import checksum
 from settings.test import RUN_ID
@@ -127,14 +127,13 @@ def test_the_plugin_registers_its_job_in_every_process() -> None:
 
 def test_a_requeued_task_can_still_be_cancelled(tasks_app: Application) -> None:
     # Given a task whose first run failed and whose failed message was re-queued
-    from nocluster.queue.failures import requeue
 
     release.clear()
     task = api.submit("demo", "gated", {"n": 1}, timeout=30, app=tasks_app)
     wait_until(lambda: status(task) == "running", timeout=10)
     tasks_app.event_queue.cancel(task.message_id, reason="timeout")  # the first try fails as if timed out
     failed = wait_until(lambda: FailedMessage.objects.filter(message_id=task.message_id).first(), timeout=10)
-    requeue(tasks_app.event_queue, failed)
+    tasks_app.event_queue.requeue(failed)
     wait_until(lambda: status(task) == "running" and Task.objects.get(pk=task.pk).tries == 2, timeout=10)
 
     # When it is cancelled
@@ -151,9 +150,11 @@ def test_a_task_whose_message_cannot_be_queued_is_marked_failed(tasks_app: Appli
 
     tasks_app.event_queue.backend.publish = broker_down  # type: ignore[method-assign]
     try:
-        with pytest.raises(ConnectionError):
+        # The broker's error reaches the caller wrapped in a PublishError that names the channel
+        with pytest.raises(PublishError, match=r"'tasks\.demo\.gated'.*ConnectionError: broker down"):
             api.submit("demo", "gated", {"n": 2}, app=tasks_app)
     finally:
         del tasks_app.event_queue.backend.publish
     task = Task.objects.filter(plugin="demo", params={"n": 2}).get()
-    assert task.status == "failed" and "could not be queued: ConnectionError: broker down" in task.error
+    assert task.status == "failed" and task.error.startswith("could not be queued: PublishError")
+    assert "ConnectionError: broker down" in task.error

@@ -68,7 +68,7 @@ class Command(BaseCommand):
         parser.add_argument("--check", action="store_true", help="exit with status 1 if a backend is unreachable")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = {
+        report: dict[str, Any] = {
             "app": app.name,
             "nodes": nodes(),
             "backends": backends(),

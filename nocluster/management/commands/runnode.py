@@ -20,6 +20,12 @@ def announce_ready() -> None:
     sys.stdout.flush()
 
 
+def start_web_node(worker: object) -> None:
+    """gunicorn's ``post_worker_init``: the worker is a forked child, so it starts its own consumers."""
+    app.start(role="web")
+    announce_ready()
+
+
 class Command(BaseCommand):
     help = (
         "Run a nocluster node: install plugins not yet installed in the cluster, start this node's consumers "
@@ -66,8 +72,7 @@ class Command(BaseCommand):
                 self.cfg.set("worker_class", "gthread")
                 self.cfg.set("threads", threads)
                 self.cfg.set("graceful_timeout", 30)
-                # The worker is a forked child: it starts its own consumers, after fork.
-                self.cfg.set("post_worker_init", lambda worker: (app.start(role="web"), announce_ready()))
+                self.cfg.set("post_worker_init", start_web_node)
                 self.cfg.set("worker_exit", lambda server, worker: app.stop())
 
             def load(self) -> Any:

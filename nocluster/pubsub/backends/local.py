@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Any
 
 from nocluster.envelope import loads
@@ -56,7 +55,6 @@ class LocalPubSubBackend(PubSubBackend):
         self.channels: set[str] = set()
         self.inbox: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._busy = False
 
     @property
     def connected(self) -> bool:
@@ -102,15 +100,6 @@ class LocalPubSubBackend(PubSubBackend):
         self._thread = None
         self.inbox = queue.Queue()
 
-    def drain(self, timeout: float = 5.0) -> bool:
-        """Wait until this instance's inbox is empty and no callback is running (seconds); True if so."""
-        deadline = time.monotonic() + timeout
-        while self.inbox.unfinished_tasks or self._busy:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
     def _dispatch(self) -> None:
         inbox = self.inbox
         while True:
@@ -120,10 +109,8 @@ class LocalPubSubBackend(PubSubBackend):
                     return
                 full_channel, data = item
                 if full_channel in self.channels and self.listener is not None:
-                    self._busy = True
                     self.listener.deliver(full_channel, loads(data))
             except Exception:
                 logger.exception("pub/sub local dispatcher: delivery failed")
             finally:
-                self._busy = False
                 inbox.task_done()

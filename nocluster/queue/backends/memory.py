@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from django.db import connections
 
 from nocluster.db import close_old_connections
+from nocluster.durations import seconds
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.message import Message, Subscription
 
@@ -51,11 +53,12 @@ class MemoryQueueBackend(QueueBackend):
         retry_backoff_max: float = 60.0,
         stop_timeout: float = 30.0,
     ) -> None:
-        self.poll_interval = poll_interval
-        self.grace = grace
-        self.retry_backoff = retry_backoff
-        self.retry_backoff_max = retry_backoff_max
-        self.stop_timeout = stop_timeout
+        option = "MemoryQueueBackend option"
+        self.poll_interval = seconds(poll_interval, f"{option} poll_interval")
+        self.grace = seconds(grace, f"{option} grace")
+        self.retry_backoff = seconds(retry_backoff, f"{option} retry_backoff", allow_zero=True)
+        self.retry_backoff_max = seconds(retry_backoff_max, f"{option} retry_backoff_max", allow_zero=True)
+        self.stop_timeout = seconds(stop_timeout, f"{option} stop_timeout")
         self._reset()
 
     def _reset(self) -> None:
@@ -83,7 +86,7 @@ class MemoryQueueBackend(QueueBackend):
     def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
         # A copy through JSON, as a broker would make: neither the publisher's later changes to its payload
         # nor one try's changes reach the next try or the failed record.
-        message = Message.from_json(message.to_json())
+        message = Message.from_wire(json.loads(json.dumps(message.to_wire())))
         with self._cond:
             channel = self._channels[full_channel]
             heapq.heappush(channel.ready, (time.monotonic() + max(delay, 0.0), next(self._seq), message))
@@ -160,7 +163,7 @@ class MemoryQueueBackend(QueueBackend):
                 if message is None:
                     return
                 try:
-                    self.manager.deliver(message, node=self.manager.app.instance_id, grace=self.grace)
+                    self.manager.deliver(message, node=self.manager.identity.instance_id, grace=self.grace)
                 except Exception:
                     logger.exception("queue %s: message %s could not be settled", channel.full_name, message.id)
                 finally:
