@@ -4,12 +4,17 @@ A server that cannot be reached skips its tests with a message saying how to sta
 test fails instead. Isolation: ``settings.test`` names the run (``NOCLUSTER_TEST_RUN``: test database, key
 prefix, app name); :func:`app_name` gives every test its own ``app.name`` on top, so channels, queues, cache
 keys and locks of two tests (or two runs, or a node started by hand) never meet.
+
+Files: every temporary file of the run (node and worker logs, the queue's slot files, pytest's ``tmp_path``)
+goes into one per-run folder, ``TMPDIR`` for this process and every process it spawns, removed at the end.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +29,10 @@ HOW_TO_START = {
     "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
 }
 _counter = itertools.count(1)
+
+# Set before anything asks for a temporary file: tempfile caches its folder, and spawned processes inherit TMPDIR.
+RUN_TMPDIR = tempfile.mkdtemp(prefix=f"nocluster-test-{RUN_ID}-")
+os.environ["TMPDIR"] = tempfile.tempdir = RUN_TMPDIR
 
 
 def in_ci() -> bool:
@@ -118,6 +127,12 @@ def delete_run_keys() -> Iterator[None]:
     client.close()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's temporary folder (logs, slot files, tmp_path) once everything has stopped."""
+    shutil.rmtree(RUN_TMPDIR, ignore_errors=True)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
-    return [f"nocluster test run {RUN_ID}: database {db}, CI={'yes' if in_ci() else 'no'}"]
+    return [f"nocluster test run {RUN_ID}: database {db}, CI={'yes' if in_ci() else 'no'}, files in {RUN_TMPDIR}"]
