@@ -1,7 +1,12 @@
-"""In-process nodes on the local pub/sub bus, and a real PostgreSQL database whose transactions commit."""
+"""Nodes for the sync tests on every pub/sub backend, and a real PostgreSQL database whose transactions commit.
+
+The same tests run over the in-process bus and over kombu on Redis and on RabbitMQ: several Applications of this
+process, one per "node", each with its own consumer.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,8 +15,7 @@ from django.db import connection
 from nocluster import Application
 from settings.test import TEST_DATABASE_URL
 from tests.conftest import server_unavailable
-
-LOCAL_BACKEND = "nocluster.pubsub.backends.local.LocalPubSubBackend"
+from tests.pubsub.conftest import BACKENDS, pubsub_config
 
 
 @pytest.fixture
@@ -21,23 +25,23 @@ def committing_postgres(transactional_db: None) -> None:
         server_unavailable("PostgreSQL", TEST_DATABASE_URL)
 
 
-@pytest.fixture
-def make_node(app_name: str) -> Iterator[Callable[[], Application]]:
-    """Build and start in-process nodes sharing one local bus; stopped afterwards."""
+@pytest.fixture(params=BACKENDS)
+def make_node(request: pytest.FixtureRequest, app_name: str) -> Iterator[Callable[[], Application]]:
+    """Build and start in-process nodes sharing one pub/sub namespace on each backend; stopped afterwards."""
     nodes: list[Application] = []
 
     def make() -> Application:
         node = Application(
-            {
-                "NAME": app_name,
-                "PUBSUB": {"BACKEND": LOCAL_BACKEND, "OPTIONS": {"bus": app_name}},
-                "SYNC": {"DEBOUNCE": 0.2},
-            }
+            {"NAME": app_name, "PUBSUB": pubsub_config(request.param, app_name, request), "SYNC": {"DEBOUNCE": 0.2}}
         )
         node.pub_sub_manager.start()
         nodes.append(node)
         return node
 
     yield make
-    for node in nodes:
-        node.pub_sub_manager.stop()
+    # Stop the nodes together: each consumer takes a drain interval to notice.
+    stoppers = [threading.Thread(target=node.pub_sub_manager.stop) for node in nodes]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join(30)
