@@ -6,18 +6,14 @@ subscription table, filters the publisher's own messages, debounces, and isolate
 message from the wire can make raise is caught per message: a malformed envelope is logged and dropped, and the
 consumer goes on.
 
-:meth:`PubSubManager.drain` (ours) lets a caller wait until what was published before has been delivered: each
-node publishes a marker on the reserved channel ``nocluster.drain`` and waits until the markers of every node
-came back. Per-publisher order holds on every backend (one producer connection per node), so a marker that
-arrived proves that the same publisher's earlier messages arrived first.
+:meth:`PubSubManager.drain` waits until what was published has been delivered (marker messages, see
+:mod:`nocluster.pubsub.markers`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +24,7 @@ from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, va
 from nocluster.errors import MalformedMessage, PublishError
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.pubsub import markers
 from nocluster.pubsub.backend import PubSubBackend
 from nocluster.pubsub.debounce import Debouncer
 
@@ -37,8 +34,6 @@ Callback = Callable[[Any], Any]
 
 # How many message ids each instance remembers to drop redeliveries.
 RECENT_IDS = 10_000
-# The reserved channel of drain() markers.
-MARKER_CHANNEL = "nocluster.drain"
 
 
 class RecentIds:
@@ -85,7 +80,7 @@ class PubSubManager(Component):
         self._subscriptions: dict[str, dict[Callback, Subscription]] = {}
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._recent = RecentIds(RECENT_IDS)
-        self._markers: set[str] = set()
+        self.markers = markers.MarkerBox()
         self.started = False
         backend.attach(self, identity.name)
 
@@ -184,48 +179,13 @@ class PubSubManager(Component):
         debounced call is pending or running (``timeout`` seconds in all); True if that happened.
 
         Only started managers take part (a stopped one receives nothing). For tests and tools: a test asserts
-        that something did *not* arrive after this returns, instead of sleeping.
+        that something did *not* arrive after this returns, instead of sleeping (see :mod:`.markers`).
         """
-        managers = [manager for manager in (self, *peers) if manager.started]
-        for manager in managers:
-            # Bound before anyone publishes a marker (subscribe returns once the broker binding is in place).
-            manager.subscribe(MARKER_CHANNEL, manager._on_marker)
-        deadline = time.monotonic() + timeout
-        # Twice in a row: a delivery may push a debounced call, and a debounced call may publish again.
-        quiet_rounds = 0
-        used: list[str] = []
-        while quiet_rounds < 2:
-            tokens = [manager._publish_marker() for manager in managers]
-            used += tokens
-            while not all(manager._seen_marker(token) for manager in managers for token in tokens):
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.002)
-            if all(manager.debouncer.idle() for manager in managers):
-                quiet_rounds += 1
-            else:
-                quiet_rounds = 0
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.005)
-        for manager in managers:
-            with manager._lock:
-                manager._markers.difference_update(used)
-        return True
+        return markers.drain([manager for manager in (self, *peers) if manager.started], timeout)
 
-    def _publish_marker(self) -> str:
-        token = uuid.uuid4().hex
-        self.publish(MARKER_CHANNEL, token, skip_self=False)
-        return token
-
-    def _seen_marker(self, token: str) -> bool:
-        with self._lock:
-            return token in self._markers
-
-    def _on_marker(self, token: Any) -> None:
-        if isinstance(token, str):
-            with self._lock:
-                self._markers.add(token)
+    def debounced_idle(self) -> bool:
+        """True when no debounced call is pending or running."""
+        return self.debouncer.idle()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:

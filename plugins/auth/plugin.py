@@ -14,6 +14,7 @@ from django.db.models.signals import post_delete, post_save
 
 from nocluster import Plugin
 from nocluster.cache.cache import Cache
+from plugins.auth.models import DEFAULT_POLICY, TokenPolicy
 
 POLICY_KEY = "token-policy"
 
@@ -22,15 +23,11 @@ class AuthPlugin(Plugin):
     cache: Cache
 
     def load(self) -> None:
-        from plugins.auth.models import TokenPolicy
-
         self.cache = self.app.cache_manager.create_cache(name="auth", store="default")
         for signal in (post_save, post_delete):
             signal.connect(self._policy_changed, sender=TokenPolicy, dispatch_uid=f"{self.name}-policy-changed")
 
     def install(self) -> None:
-        from plugins.auth.models import DEFAULT_POLICY, TokenPolicy
-
         TokenPolicy.objects.get_or_create(name=DEFAULT_POLICY)
 
     def token_policy(self) -> dict[str, Any] | None:
@@ -38,8 +35,6 @@ class AuthPlugin(Plugin):
         return self.cache.wrap(POLICY_KEY, self._load_policy)
 
     def _load_policy(self) -> dict[str, Any] | None:
-        from plugins.auth.models import DEFAULT_POLICY, TokenPolicy
-
         policy = TokenPolicy.objects.filter(name=DEFAULT_POLICY).first()
         return policy.as_dict() if policy is not None else None
 

@@ -8,11 +8,11 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from nocluster import app
 from plugins.data_source_main.models import Collection, Field
 
 
 def _plugin() -> Any:
-    from nocluster import app
 
     return app.plugins["data_source_main"]
 

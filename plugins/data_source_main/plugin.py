@@ -14,6 +14,7 @@ from django.db import transaction
 
 from nocluster import Plugin
 from nocluster.sync.sequence import is_resync
+from plugins.data_source_main.models import Collection, Field
 from plugins.data_source_main.registry import Schema, SchemaRegistry, load_from_database
 
 # Safety release of the field-removal lock, seconds: longer than a delete plus a publish on a loaded node.
@@ -60,15 +61,11 @@ class DataSourceMainPlugin(Plugin):
 
     # --- collections ---------------------------------------------------------------------------------
     def create_collection(self, name: str, title: str = "", options: dict[str, Any] | None = None) -> None:
-        from plugins.data_source_main.models import Collection
-
         with transaction.atomic():
             Collection.objects.create(name=name, title=title, options=options or {})
             self.changed(name)
 
     def update_collection(self, name: str, *, title: str | None = None, options: dict[str, Any] | None = None) -> None:
-        from plugins.data_source_main.models import Collection
-
         with transaction.atomic():
             collection = Collection.objects.select_for_update().get(name=name)
             if title is not None:
@@ -79,16 +76,12 @@ class DataSourceMainPlugin(Plugin):
             self.changed(name)
 
     def remove_collection(self, name: str) -> None:
-        from plugins.data_source_main.models import Collection
-
         with transaction.atomic():
             Collection.objects.filter(name=name).delete()
             self.changed(name)
 
     # --- fields --------------------------------------------------------------------------------------
     def add_field(self, collection: str, name: str, type: str, options: dict[str, Any] | None = None) -> None:
-        from plugins.data_source_main.models import Collection, Field
-
         with transaction.atomic():
             owner = Collection.objects.select_for_update().get(name=collection)
             Field.objects.create(collection=owner, name=name, type=type, options=options or {})
@@ -104,8 +97,6 @@ class DataSourceMainPlugin(Plugin):
         options: dict[str, Any] | None = None,
     ) -> None:
         """Rename a field and/or change its type or options."""
-        from plugins.data_source_main.models import Field
-
         with transaction.atomic():
             field = Field.objects.select_for_update().get(collection__name=collection, name=name)
             field.name = new_name if new_name is not None else field.name
@@ -119,7 +110,6 @@ class DataSourceMainPlugin(Plugin):
 
         The transaction commits, and so the sync message is sent, while the lock is held.
         """
-        from plugins.data_source_main.models import Field
 
         def destroy() -> None:
             with transaction.atomic():

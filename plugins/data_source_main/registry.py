@@ -10,13 +10,13 @@ import copy
 import threading
 from typing import Any
 
+from plugins.data_source_main.models import Collection
+
 Schema = dict[str, dict[str, Any]]
 
 
 def load_from_database(name: str | None = None, using: str | None = None) -> Schema:
     """The schema as stored (every collection, or only ``name``)."""
-    from plugins.data_source_main.models import Collection
-
     collections = Collection.objects.using(using).prefetch_related("fields")
     if name is not None:
         collections = collections.filter(name=name)

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from nocluster import app
+from nocluster.models import FailedMessage
 
 
 def probe(check: Callable[[], object]) -> dict[str, Any]:
@@ -41,8 +42,6 @@ def queue_depths() -> dict[str, Any]:
 
 
 def failed_messages() -> int | None:
-    from nocluster.models import FailedMessage
-
     try:
         return FailedMessage.objects.filter(app_name=app.name).count()
     except Exception:

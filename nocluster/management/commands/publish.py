@@ -9,6 +9,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nocluster import NoclusterError, app
+from nocluster.pubsub.backends.local import LocalPubSubBackend
+from nocluster.queue.backends.memory import MemoryQueueBackend
 
 
 class Command(BaseCommand):
@@ -59,15 +61,11 @@ class Command(BaseCommand):
 
     def sender(self, channel: str, options: dict[str, Any]) -> Any:
         if options["queue"]:
-            from nocluster.queue.backends.memory import MemoryQueueBackend
-
             if isinstance(app.event_queue.backend, MemoryQueueBackend):
                 raise CommandError("the event queue is in-process (memory backend): set BROKER_URL to reach workers")
             timeout = 15.0 if options["timeout"] is None else options["timeout"]
             max_retries = 0 if options["max_retries"] is None else options["max_retries"]
             return lambda message: app.event_queue.publish(channel, message, timeout=timeout, max_retries=max_retries)
-        from nocluster.pubsub.backends.local import LocalPubSubBackend
-
         if isinstance(app.pub_sub_manager.backend, LocalPubSubBackend):
             raise CommandError("pub/sub is in-process (local backend): set PUBSUB_URL or BROKER_URL to reach nodes")
         if options["sync"]:
