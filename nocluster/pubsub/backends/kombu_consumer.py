@@ -89,6 +89,8 @@ class KombuConsumerThread(ConsumerMixin):
     def stop(self, timeout: float = 10.0) -> None:
         """Leave the loop (within a drain interval), join the thread; log it if it would not exit."""
         self.should_stop = True
+        with self._rebind_done:
+            self._rebind_done.notify_all()  # a subscribe() waiting for its rebind gives up now
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.error("pub/sub consumer thread %s did not stop within %s s", self._thread.name, timeout)
