@@ -190,18 +190,20 @@ def test_unsubscribing_while_the_channel_is_busy_keeps_the_connection_and_other_
 
     # When it unsubscribes the busy channel while a burst of it is on the way
     stop = threading.Event()
+    published = [0]
 
     def burst() -> None:
-        n = 0
-        while not stop.is_set() and n < 20000:
-            publisher.pub_sub_manager.publish("busy", n)
-            n += 1
+        while not stop.is_set() and published[0] < 20000:
+            publisher.pub_sub_manager.publish("busy", published[0])
+            published[0] += 1
 
     flood = threading.Thread(target=burst)
     flood.start()
     wait_until(lambda: len(busy.items) > 200, timeout=15, message="the burst to arrive")
     subscriber.pub_sub_manager.unsubscribe("busy", slow_busy)
-    time.sleep(0.3)  # the burst goes on after the unsubscribe
+    # The burst goes on after the unsubscribe: another 500 messages of it are handed to the broker
+    after_unsubscribe = published[0]
+    wait_until(lambda: published[0] >= min(after_unsubscribe + 500, 20000), timeout=15, message="the burst to go on")
     stop.set()
     flood.join(15)
     for n in range(20):

@@ -1,20 +1,19 @@
 """Pub/sub over kombu fanout exchanges, on RabbitMQ (``amqp://``) or Redis (``redis://``).
 
-One fanout exchange per full channel (``"{app.name}.{channel}"``). Each instance consumes on one thread
-(``kombu.mixins.ConsumerMixin``: reconnect loop with backoff, drain with heartbeats) from its own queue:
+One fanout exchange per full channel (``"{app.name}.{channel}"``). Each instance consumes on one thread, the
+generic :class:`~nocluster.pubsub.backends.kombu_consumer.KombuConsumerThread` (``kombu.mixins.ConsumerMixin``:
+reconnect loop with backoff, drain with liveness checks), from its own queue(s). How the queues are laid out,
+acknowledged and kept alive is one strategy per broker, picked once from the URL's transport:
 
-- RabbitMQ: one queue per instance, ``{app.name}.pubsub.{instance_id}``, bound to every exchange it subscribes
-  to. Not auto-deleted: it outlives a dropped connection for ``queue_expires`` seconds, so a reconnecting node
-  gets the backlog; ``max_length`` bounds what a stalled node can pile up (the oldest messages go first).
-  Messages are acknowledged after dispatch, so what was in flight when a connection died comes again (the
-  manager drops redelivered ids). Publisher confirms: ``publish`` returns once RabbitMQ has the message.
-- Redis: kombu's Redis transport maps a queue to a single fanout exchange (``Channel._fanout_queues``), so the
-  instance has one virtual queue per channel; all of them share one PSUBSCRIBE connection. Pub/sub on Redis is
-  at most once: what is published while a node is disconnected is lost for it, and Redis disconnects a
-  subscriber whose output buffer passes ``client-output-buffer-limit pubsub`` (32 MiB by default).
+- RabbitMQ, :mod:`~nocluster.pubsub.backends.kombu_amqp`: one queue per instance bound to every exchange it
+  subscribes to, kept through a dropped connection; batched acknowledgements (at least once: the manager drops
+  redelivered ids); publisher confirms; AMQP heartbeats.
+- Redis, :mod:`~nocluster.pubsub.backends.kombu_redis`: one virtual queue per channel on one PSUBSCRIBE
+  connection (at most once); subscriptions confirmed and liveness checked by pinging ourselves.
 
 Either way the manager is told of every reconnect (``connection_revived``), which the sync messages turn into
-a resync. JSON only: published as ``application/json`` text, consumed with ``accept=["json"]``.
+a resync. JSON only: published as ``application/json`` text, consumed with ``accept=["json"]``. This module owns
+the options, the subscription set and the publisher; it knows no broker's internals.
 """
 
 from __future__ import annotations
@@ -23,19 +22,45 @@ import logging
 import threading
 from typing import Any
 
-from kombu import Connection, Exchange, Producer, Queue, binding
+from django.core.exceptions import ImproperlyConfigured
+from kombu import Connection, Exchange, Producer
 
 from nocluster.errors import PublishError
 from nocluster.pubsub.backend import PubSubBackend
+from nocluster.pubsub.backends.kombu_amqp import AmqpPubSubTopology
 from nocluster.pubsub.backends.kombu_consumer import KombuConsumerThread
+from nocluster.pubsub.backends.kombu_redis import RedisPubSubTopology
+from nocluster.pubsub.backends.kombu_topology import KombuPubSubTopology, TopologyConfig
 
 logger = logging.getLogger("nocluster.pubsub.kombu")
+
+# The brokers this backend speaks to, one topology each; the URL's transport picks one (see topology_for).
+TOPOLOGIES: tuple[type[KombuPubSubTopology], ...] = (AmqpPubSubTopology, RedisPubSubTopology)
+
+
+def topology_for(url: str) -> type[KombuPubSubTopology]:
+    """The topology serving ``url``'s kombu transport (its ``driver_type``: ``amqp`` or ``redis``).
+
+    Raises:
+      ImproperlyConfigured: no topology serves that transport.
+    """
+    connection = Connection(url)
+    driver_type = connection.transport.driver_type
+    for topology in TOPOLOGIES:
+        if driver_type in topology.driver_types:
+            return topology
+    supported = ", ".join(sorted(name for topology in TOPOLOGIES for name in topology.driver_types))
+    raise ImproperlyConfigured(
+        f"KombuPubSubBackend url {connection.as_uri()!r}: kombu transport {driver_type!r} is not supported "
+        f"(supported: {supported})"
+    )
 
 
 class KombuPubSubBackend(PubSubBackend):
     """Parameters (keyword-only ``OPTIONS``):
     url: broker URL, ``amqp://...`` or ``redis://...``.
-    heartbeat: AMQP heartbeat, seconds (a dead connection is noticed within about twice this).
+    heartbeat: liveness interval, seconds: the AMQP heartbeat, or on Redis how often the consumer pings itself
+      (a dead connection is noticed within about twice this).
     reconnect_interval_max: longest wait between reconnect attempts, seconds (backoff from 0.2 s).
     connect_timeout: how long ``connect()`` waits for the first binding, seconds (it keeps retrying after).
     queue_expires: RabbitMQ/Redis queue expiry after its consumer is gone, seconds.
@@ -64,7 +89,7 @@ class KombuPubSubBackend(PubSubBackend):
         self.max_length = max_length
         self.publish_retries = publish_retries
         self.transport_options = dict(transport_options or {})
-        self.is_redis = Connection(url).transport.driver_type == "redis"
+        self.topology_class = topology_for(url)
         self.channels: set[str] = set()
         self._channels_lock = threading.Lock()
         self._exchanges: dict[str, Exchange] = {}
@@ -76,48 +101,24 @@ class KombuPubSubBackend(PubSubBackend):
 
     # --- connections ---------------------------------------------------------------------------------
     def new_connection(self, *, consumer: bool) -> Connection:
-        options = dict(self.transport_options)
-        if not self.is_redis and not consumer:
-            options.setdefault("confirm_publish", True)  # publish returns once RabbitMQ has the message
-        heartbeat = self.heartbeat if consumer and not self.is_redis else 0  # only the consumer checks beats
-        return Connection(self.url, heartbeat=heartbeat, transport_options=options)
+        """A connection for the consumer thread or the publisher, with the topology's options."""
+        options = self.topology_class.connection_options(
+            consumer=consumer, heartbeat=self.heartbeat, transport_options=self.transport_options
+        )
+        return Connection(self.url, **options)
 
     def ping(self) -> None:
+        """Raise if the broker cannot be reached (one attempt, 5 s)."""
         with self.new_connection(consumer=False) as connection:
             connection.ensure_connection(max_retries=1, timeout=5)
 
     def exchange(self, full_channel: str) -> Exchange:
+        """The fanout exchange of ``full_channel`` (built once; publisher and topology share it)."""
         exchange = self._exchanges.get(full_channel)
         if exchange is None:
             exchange = Exchange(full_channel, type="fanout", durable=False, auto_delete=False, delivery_mode=1)
             self._exchanges[full_channel] = exchange
         return exchange
-
-    def queue_name(self, full_channel: str | None = None) -> str:
-        base = f"{self.namespace}.pubsub.{self.instance_id}"
-        return base if full_channel is None else f"{base}.{full_channel}"
-
-    def queue_for(self, full_channel: str) -> Queue:
-        """Redis: the instance's virtual queue for one channel."""
-        return Queue(
-            self.queue_name(full_channel),
-            exchange=self.exchange(full_channel),
-            routing_key="",
-            durable=False,
-            auto_delete=True,
-            expires=self.queue_expires,
-        )
-
-    def instance_queue(self, channels: set[str]) -> Queue:
-        """RabbitMQ: the instance's one queue, bound to ``channels``' exchanges."""
-        return Queue(
-            self.queue_name(),
-            bindings=[binding(self.exchange(full), routing_key="") for full in sorted(channels)],
-            durable=False,
-            auto_delete=False,
-            expires=self.queue_expires,
-            max_length=self.max_length,
-        )
 
     # --- PubSubBackend ---------------------------------------------------------------------------------
     @property
@@ -128,7 +129,22 @@ class KombuPubSubBackend(PubSubBackend):
         if self._worker is not None:
             return
         self.instance_id = instance_id
-        self._worker = KombuConsumerThread(self)
+        config = TopologyConfig(
+            namespace=self.namespace,
+            instance_id=instance_id,
+            heartbeat=self.heartbeat,
+            queue_expires=self.queue_expires,
+            max_length=self.max_length,
+            exchange=self.exchange,
+        )
+        self._worker = KombuConsumerThread(
+            connection=self.new_connection(consumer=True),
+            topology=self.topology_class(config),
+            wanted_channels=self.wanted_channels,
+            listener=self.listener,
+            instance_id=instance_id,
+            reconnect_interval_max=self.reconnect_interval_max,
+        )
         self._worker.start()
         if not self._worker.bound.wait(self.connect_timeout):
             logger.warning(
@@ -160,6 +176,7 @@ class KombuPubSubBackend(PubSubBackend):
         self._rebind()
 
     def wanted_channels(self) -> set[str]:
+        """The full channels subscribed now (a copy; read by the consumer thread)."""
         with self._channels_lock:
             return set(self.channels)
 
