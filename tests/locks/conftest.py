@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from nocluster import Application
 from nocluster.locks import LockManager
+
+if TYPE_CHECKING:
+    from nocluster.locks.backends.redis_scripts import LockScripts
 
 LOCAL = {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
 
@@ -63,11 +66,16 @@ def redis_client(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def lua_lock(redis_client: Any, app_name: str) -> Iterator[tuple[str, str]]:
-    """``(lock name, token sequence)`` of this test, with MillisecondLock's scripts registered; keys deleted after."""
-    from nocluster.locks.backends.redis import MillisecondLock
+def lock_scripts(redis_client: Any) -> LockScripts:
+    """The Redis lock scripts, registered on ``redis_client`` (for tests at the Lua level)."""
+    from nocluster.locks.backends.redis_scripts import LockScripts
 
-    MillisecondLock.register_ms_scripts(redis_client)
+    return LockScripts(redis_client)
+
+
+@pytest.fixture
+def lua_lock(redis_client: Any, app_name: str) -> Iterator[tuple[str, str]]:
+    """``(lock name, token sequence)`` of this test; its keys are deleted after."""
     name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
     yield name, sequence
     redis_client.delete(name, sequence, *redis_client.keys(f"*{name}*"))

@@ -24,7 +24,8 @@ import redis
 from django.db import connection
 
 from nocluster import Application, BackendUnavailable, LockAcquireError, LockNotOwned
-from nocluster.locks.backends.redis import MillisecondLock, RedisLockBackend
+from nocluster.locks.backends.redis import WAIT_CHUNK, Acquisition, RedisLockBackend
+from nocluster.locks.backends.redis_scripts import LockScripts
 from settings.test import RUN_ID
 from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes, wait_until
 from tests.locks.conftest import delete_lock_keys, redis_locks
@@ -251,24 +252,31 @@ def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
         node.stop()
 
 
-def queue_up(client: redis.Redis, name: str, sequence: str, owner: str, ttl_ms: int) -> None:
-    """One "wait" attempt of the acquire script for ``owner`` (``"{instance}:{nonce}"``): the only waiter queued."""
+def queue_up(scripts: LockScripts, name: str, sequence: str, owner: str, ttl: float) -> None:
+    """One "wait" attempt of the acquire script for ``owner`` (``"{instance}:{nonce}"``, ``ttl`` seconds): the only
+    waiter queued, its record living 4 s."""
     nonce = owner.rsplit(":", 1)[-1]
-    args = (owner, ttl_ms, nonce, 4000, "wait")
-    assert MillisecondLock.acquire_script(keys=(name, sequence), args=args, client=client)[0] == 0
-    assert client.lrange(f"lock-queue:{name}", 0, -1) == [nonce.encode()]
+    assert scripts.acquire(name, sequence, owner, nonce, ttl, 4.0, "wait")[0] == 0
+    assert scripts.client.lrange(f"lock-queue:{name}", 0, -1) == [nonce.encode()]
+
+
+def acquisition(
+    scripts: LockScripts, name: str, sequence: str, owner: str, ttl: float, signal_expire: float = 1.0
+) -> Acquisition:
+    """An acquisition of ``name`` by ``owner`` with an owner id the test chose (a backend picks a random nonce)."""
+    return Acquisition(scripts, name, sequence, owner, ttl, chunk=WAIT_CHUNK, signal_expire=signal_expire)
 
 
 def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(
-    redis_client: redis.Redis, lua_lock: tuple[str, str]
+    redis_client: redis.Redis, lock_scripts: LockScripts, lua_lock: tuple[str, str]
 ) -> None:
     # The Lua level: a release hands the lock to a queued waiter that is not blocked in BLPOP at that moment
-    client, (name, sequence) = redis_client, lua_lock
-    holder = MillisecondLock(client, name, 60, "holder:1", 1, sequence)  # its hand-offs wait 1 ms
+    client, scripts, (name, sequence) = redis_client, lock_scripts, lua_lock
+    holder = acquisition(scripts, name, sequence, "holder:1", 60, signal_expire=0.001)  # its hand-offs wait 1 ms
     assert holder.acquire(timeout=0)
-    waiter = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    waiter = acquisition(scripts, name, sequence, "waiter:2", 5)
     # Given the waiter queued (one "wait" attempt), then gone for longer than its hand-off list lives
-    queue_up(client, name, sequence, "waiter:2", 5000)
+    queue_up(scripts, name, sequence, "waiter:2", 5.0)
     holder.release()
     time.sleep(0.05)
     assert not client.exists(f"lock-grant:{name}:2")
@@ -304,18 +312,20 @@ def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Applicati
     assert redis_app.lock_manager.get_lock("job") is None
 
 
-def test_a_stale_hand_off_is_not_taken_for_the_lock(redis_client: redis.Redis, lua_lock: tuple[str, str]) -> None:
+def test_a_stale_hand_off_is_not_taken_for_the_lock(
+    redis_client: redis.Redis, lock_scripts: LockScripts, lua_lock: tuple[str, str]
+) -> None:
     # The Lua level: a waiter handed the lock with a 50 ms ttl comes back after that ttl and another took it
-    client, (name, sequence) = redis_client, lua_lock
-    holder = MillisecondLock(client, name, 60, "holder:1", 1000, sequence)
+    client, scripts, (name, sequence) = redis_client, lock_scripts, lua_lock
+    holder = acquisition(scripts, name, sequence, "holder:1", 60)
     assert holder.acquire(timeout=0)
-    queue_up(client, name, sequence, "waiter:2", 50)
+    queue_up(scripts, name, sequence, "waiter:2", 0.05)
     holder.release()  # hands it to the waiter for 50 ms; its token waits in its list for 1 s
     time.sleep(0.1)
-    other = MillisecondLock(client, name, 60, "other:3", 1000, sequence)
+    other = acquisition(scripts, name, sequence, "other:3", 60)
     assert other.acquire(timeout=0)
     # When the waiter comes back, the old hand-off in its list does not make it a second holder
-    late = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    late = acquisition(scripts, name, sequence, "waiter:2", 5)
     assert late.acquire(timeout=0) is False
     assert client.get(name) == f"other:3:{other.token}".encode()
     other.release()
