@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -20,6 +21,13 @@ def redis_locks(url: str) -> dict[str, Any]:
     return {"BACKEND": "nocluster.locks.backends.redis.RedisLockBackend", "OPTIONS": {"url": url}}
 
 
+def named_client(url: str, client_name: str) -> str:
+    """``url`` with ``client_name`` set, so CLIENT LIST shows which connections are this test's (and blocked)."""
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query), ("client_name", client_name)])
+    return urlunsplit(parts._replace(query=query))
+
+
 def delete_lock_keys(url: str, app_name: str) -> None:
     """Delete this app's lock keys: the locks, their waiter queues, records and hand-off lists, the token sequence."""
     import redis
@@ -34,8 +42,8 @@ def delete_lock_keys(url: str, app_name: str) -> None:
 
 @pytest.fixture
 def redis_app(redis_url: str, app_name: str) -> Iterator[Application]:
-    """An Application named ``app_name`` whose locks are on the real Redis."""
-    app = Application({"NAME": app_name, "LOCKS": redis_locks(redis_url)})
+    """An Application named ``app_name`` whose locks are on the real Redis, its connections named ``app_name``."""
+    app = Application({"NAME": app_name, "LOCKS": redis_locks(named_client(redis_url, app_name))})
     yield app
     app.lock_manager.close()
     delete_lock_keys(redis_url, app_name)
