@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 from nocluster import Application
 from nocluster.locks import LockManager
 
+if TYPE_CHECKING:
+    from nocluster.locks.backends.redis_scripts import LockScripts
+
 LOCAL = {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
 
 
 def redis_locks(url: str) -> dict[str, Any]:
     return {"BACKEND": "nocluster.locks.backends.redis.RedisLockBackend", "OPTIONS": {"url": url}}
+
+
+def named_client(url: str, client_name: str) -> str:
+    """``url`` with ``client_name`` set, so CLIENT LIST shows which connections are this test's (and blocked)."""
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query), ("client_name", client_name)])
+    return urlunsplit(parts._replace(query=query))
 
 
 def delete_lock_keys(url: str, app_name: str) -> None:
@@ -31,8 +42,8 @@ def delete_lock_keys(url: str, app_name: str) -> None:
 
 @pytest.fixture
 def redis_app(redis_url: str, app_name: str) -> Iterator[Application]:
-    """An Application named ``app_name`` whose locks are on the real Redis."""
-    app = Application({"NAME": app_name, "LOCKS": redis_locks(redis_url)})
+    """An Application named ``app_name`` whose locks are on the real Redis, its connections named ``app_name``."""
+    app = Application({"NAME": app_name, "LOCKS": redis_locks(named_client(redis_url, app_name))})
     yield app
     app.lock_manager.close()
     delete_lock_keys(redis_url, app_name)
@@ -63,11 +74,16 @@ def redis_client(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def lua_lock(redis_client: Any, app_name: str) -> Iterator[tuple[str, str]]:
-    """``(lock name, token sequence)`` of this test, with MillisecondLock's scripts registered; keys deleted after."""
-    from nocluster.locks.backends.redis import MillisecondLock
+def lock_scripts(redis_client: Any) -> LockScripts:
+    """The Redis lock scripts, registered on ``redis_client`` (for tests at the Lua level)."""
+    from nocluster.locks.backends.redis_scripts import LockScripts
 
-    MillisecondLock.register_ms_scripts(redis_client)
+    return LockScripts(redis_client)
+
+
+@pytest.fixture
+def lua_lock(redis_client: Any, app_name: str) -> Iterator[tuple[str, str]]:
+    """``(lock name, token sequence)`` of this test; its keys are deleted after."""
     name, sequence = f"{app_name}:lock:job", f"{app_name}:lock-tokens"
     yield name, sequence
     redis_client.delete(name, sequence, *redis_client.keys(f"*{name}*"))

@@ -24,7 +24,9 @@ import redis
 from django.db import connection
 
 from nocluster import Application, BackendUnavailable, LockAcquireError, LockNotOwned
-from nocluster.locks.backends.redis import MillisecondLock, RedisLockBackend
+from nocluster.locks.backends.redis import WAIT_CHUNK, Acquisition, RedisLockBackend
+from nocluster.locks.backends.redis_scripts import LockScripts
+from nocluster.locks.lock import Lock
 from settings.test import RUN_ID
 from tests.helpers import ROOT, NodeProcess, start_nodes, stop_nodes, wait_until
 from tests.locks.conftest import delete_lock_keys, redis_locks
@@ -158,36 +160,65 @@ def test_the_lock_is_stored_with_a_millisecond_ttl_holder_and_token(redis_app: A
     client.close()
 
 
-def test_a_release_wakes_a_blocked_waiter_at_once(redis_app: Application) -> None:
-    # Given a holder with a 60 s ttl and a waiter blocked on it
-    held = redis_app.lock_manager.acquire("job", ttl=60)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        waiting = pool.submit(redis_app.lock_manager.acquire, "job", 10, 60)
-        time.sleep(0.2)  # let the waiter reach BLPOP
-        # When the holder releases
-        held.release()
-        # Then the waiter gets it long before the ttl would have freed it (BLPOP on the signal list, no polling)
-        lock = waiting.result(timeout=10)
-    lock.release()
-
-
 def queue_length(client: redis.Redis, app: Application, key: str) -> int:
     return client.llen(f"lock-queue:{app.name}:lock:{key}")
+
+
+def blocked_in_blpop(client: redis.Redis, app: Application) -> int:
+    """How many of ``app``'s Redis connections (``redis_app`` names them ``app.name``) are blocked in BLPOP now."""
+    return sum(
+        1
+        for info in client.client_list()
+        if info.get("name") == app.name and "b" in info["flags"] and info["cmd"] == "blpop"
+    )
+
+
+def test_a_release_wakes_a_blocked_waiter_at_once(redis_app: Application, redis_client: redis.Redis) -> None:
+    locks = redis_app.lock_manager
+
+    def wait_for_the_lock() -> tuple[Lock, float]:
+        lock = locks.acquire("job", ttl=10, timeout=60)
+        return lock, time.monotonic()
+
+    # Given a holder with a 60 s ttl and a waiter queued and blocked in BLPOP on its grant list
+    held = locks.acquire("job", ttl=60)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(wait_for_the_lock)
+        wait_until(
+            lambda: queue_length(redis_client, redis_app, "job") == 1 and blocked_in_blpop(redis_client, redis_app),
+            message="the waiter queued and blocked in BLPOP",
+        )
+        assert not waiting.done()
+        # When the holder releases
+        released_at = time.monotonic()
+        held.release()
+        lock, acquired_at = waiting.result(timeout=10)
+    # Then the waiter got it after the release, at once: long before the holder's ttl, and before its BLPOP
+    # (up to WAIT_CHUNK) would have ended by itself (the release pushed onto its grant list; no polling)
+    assert released_at <= acquired_at < released_at + WAIT_CHUNK / 2
+    assert lock.token == held.token + 1
+    lock.release()
 
 
 def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, redis_client: redis.Redis) -> None:
     client = redis_client
     locks = redis_app.lock_manager
     order: list[tuple[str, int]] = []
+    contested: list[str] = []
 
-    def wait_then_release(name: str) -> None:
+    def wait_then_release(name: str, behind: int) -> None:
         with locks.acquire("job", ttl=10, timeout=30) as lock:
             order.append((name, lock.token))
-            time.sleep(0.05)  # a later waiter would take over here if the order were not kept
+            # Release only with every later waiter blocked in BLPOP, free to take the lock if the order were not kept
+            wait_until(lambda: blocked_in_blpop(client, redis_app) == behind, message=f"{behind} waiters blocked")
+            contested.append(name)
 
     # Given a holder and three waiters that queued up one after the other
     held = locks.acquire("job", ttl=60)
-    threads = [threading.Thread(target=wait_then_release, args=(name,), name=f"waiter-{name}") for name in "abc"]
+    threads = [
+        threading.Thread(target=wait_then_release, args=(name, 2 - i), name=f"waiter-{name}")
+        for i, name in enumerate("abc")
+    ]
     for number, thread in enumerate(threads, start=1):
         thread.start()
         wait_until(lambda number=number: queue_length(client, redis_app, "job") == number)
@@ -197,6 +228,7 @@ def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, red
         thread.join(30)
     # Then each got the lock in turn, in the order they came, each with a higher token
     assert [name for name, _ in order] == ["a", "b", "c"]
+    assert contested == ["a", "b", "c"]
     assert [token for _, token in order] == [held.token + 1, held.token + 2, held.token + 3]
     # And nothing is left behind: no lock, no queue, no waiter record, no hand-off list
     assert client.keys(f"*{redis_app.name}:lock:job*") == []
@@ -205,9 +237,12 @@ def test_waiters_get_the_lock_in_the_order_they_came(redis_app: Application, red
 def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_client: redis.Redis) -> None:
     client = redis_client
     held = redis_app.lock_manager.acquire("job", ttl=60)
-    # When a waiter gives up after 0.3 s
-    with pytest.raises(LockAcquireError):
-        redis_app.lock_manager.acquire("job", ttl=60, timeout=0.3)
+    # When a waiter, seen in the queue, gives up after 1 s
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(redis_app.lock_manager.acquire, "job", 60, 1.0)
+        wait_until(lambda: queue_length(client, redis_app, "job") == 1, message="the waiter queued")
+        with pytest.raises(LockAcquireError):
+            waiting.result(timeout=10)
     # Then it is out of the queue, and the holder's release frees the lock instead of handing it to nobody
     assert queue_length(client, redis_app, "job") == 0
     held.release()
@@ -251,27 +286,34 @@ def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
         node.stop()
 
 
-def queue_up(client: redis.Redis, name: str, sequence: str, owner: str, ttl_ms: int) -> None:
-    """One "wait" attempt of the acquire script for ``owner`` (``"{instance}:{nonce}"``): the only waiter queued."""
+def queue_up(scripts: LockScripts, name: str, sequence: str, owner: str, ttl: float) -> None:
+    """One "wait" attempt of the acquire script for ``owner`` (``"{instance}:{nonce}"``, ``ttl`` seconds): the only
+    waiter queued, its record living 4 s."""
     nonce = owner.rsplit(":", 1)[-1]
-    args = (owner, ttl_ms, nonce, 4000, "wait")
-    assert MillisecondLock.acquire_script(keys=(name, sequence), args=args, client=client)[0] == 0
-    assert client.lrange(f"lock-queue:{name}", 0, -1) == [nonce.encode()]
+    assert scripts.acquire(name, sequence, owner, nonce, ttl, 4.0, "wait")[0] == 0
+    assert scripts.client.lrange(f"lock-queue:{name}", 0, -1) == [nonce.encode()]
+
+
+def acquisition(
+    scripts: LockScripts, name: str, sequence: str, owner: str, ttl: float, signal_expire: float = 1.0
+) -> Acquisition:
+    """An acquisition of ``name`` by ``owner`` with an owner id the test chose (a backend picks a random nonce)."""
+    return Acquisition(scripts, name, sequence, owner, ttl, chunk=WAIT_CHUNK, signal_expire=signal_expire)
 
 
 def test_a_waiter_back_after_its_hand_off_list_expired_still_gets_the_lock(
-    redis_client: redis.Redis, lua_lock: tuple[str, str]
+    redis_client: redis.Redis, lock_scripts: LockScripts, lua_lock: tuple[str, str]
 ) -> None:
     # The Lua level: a release hands the lock to a queued waiter that is not blocked in BLPOP at that moment
-    client, (name, sequence) = redis_client, lua_lock
-    holder = MillisecondLock(client, name, 60, "holder:1", 1, sequence)  # its hand-offs wait 1 ms
+    client, scripts, (name, sequence) = redis_client, lock_scripts, lua_lock
+    holder = acquisition(scripts, name, sequence, "holder:1", 60, signal_expire=0.001)  # its hand-offs wait 1 ms
     assert holder.acquire(timeout=0)
-    waiter = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    waiter = acquisition(scripts, name, sequence, "waiter:2", 5)
     # Given the waiter queued (one "wait" attempt), then gone for longer than its hand-off list lives
-    queue_up(client, name, sequence, "waiter:2", 5000)
+    queue_up(scripts, name, sequence, "waiter:2", 5.0)
     holder.release()
-    time.sleep(0.05)
-    assert not client.exists(f"lock-grant:{name}:2")
+    assert client.get(name) == f"waiter:2:{holder.token + 1}".encode()
+    wait_until(lambda: not client.exists(f"lock-grant:{name}:2"), message="the hand-off list to expire")
     # When it comes back, it finds the lock held under its own owner id: it holds it, with the next token
     assert waiter.acquire(timeout=0.5) and waiter.token == holder.token + 1
     assert client.get(name) == f"waiter:2:{waiter.token}".encode()
@@ -289,33 +331,46 @@ def test_a_waiter_interrupted_while_queued_leaves_the_queue(redis_app: Applicati
     def interrupt(signum: int, frame: object) -> None:
         raise Interrupted
 
+    queued: list[int] = []
+
+    def interrupt_once_blocked(main: int) -> None:
+        wait_until(lambda: blocked_in_blpop(client, redis_app), message="the waiter blocked in BLPOP")
+        queued.append(queue_length(client, redis_app, "job"))
+        signal.pthread_kill(main, signal.SIGALRM)
+
     previous = signal.signal(signal.SIGALRM, interrupt)
+    main = threading.get_ident()
+    interrupter = threading.Thread(target=interrupt_once_blocked, args=(main,), name="interrupter")
     try:
         # When a waiter in this (main) thread is interrupted by a signal handler that raises, mid-BLPOP
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        interrupter.start()
         with pytest.raises(Interrupted):
             redis_app.lock_manager.acquire("job", ttl=30, timeout=10)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        interrupter.join(10)
         signal.signal(signal.SIGALRM, previous)
+    assert queued == [1]
     # Then it left the queue: the holder's release frees the lock instead of handing it to a waiter that is gone
     assert queue_length(client, redis_app, "job") == 0
     held.release()
     assert redis_app.lock_manager.get_lock("job") is None
 
 
-def test_a_stale_hand_off_is_not_taken_for_the_lock(redis_client: redis.Redis, lua_lock: tuple[str, str]) -> None:
+def test_a_stale_hand_off_is_not_taken_for_the_lock(
+    redis_client: redis.Redis, lock_scripts: LockScripts, lua_lock: tuple[str, str]
+) -> None:
     # The Lua level: a waiter handed the lock with a 50 ms ttl comes back after that ttl and another took it
-    client, (name, sequence) = redis_client, lua_lock
-    holder = MillisecondLock(client, name, 60, "holder:1", 1000, sequence)
+    client, scripts, (name, sequence) = redis_client, lock_scripts, lua_lock
+    holder = acquisition(scripts, name, sequence, "holder:1", 60)
     assert holder.acquire(timeout=0)
-    queue_up(client, name, sequence, "waiter:2", 50)
+    queue_up(scripts, name, sequence, "waiter:2", 0.05)
     holder.release()  # hands it to the waiter for 50 ms; its token waits in its list for 1 s
-    time.sleep(0.1)
-    other = MillisecondLock(client, name, 60, "other:3", 1000, sequence)
+    wait_until(lambda: not client.exists(name), message="the 50 ms hand-off to expire")
+    assert client.exists(f"lock-grant:{name}:2")  # the stale hand-off is still there to be mistaken
+    other = acquisition(scripts, name, sequence, "other:3", 60)
     assert other.acquire(timeout=0)
     # When the waiter comes back, the old hand-off in its list does not make it a second holder
-    late = MillisecondLock(client, name, 5, "waiter:2", 1000, sequence)
+    late = acquisition(scripts, name, sequence, "waiter:2", 5)
     assert late.acquire(timeout=0) is False
     assert client.get(name) == f"other:3:{other.token}".encode()
     other.release()
