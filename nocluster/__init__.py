@@ -15,6 +15,7 @@ from nocluster.errors import (
     NoclusterError,
     PluginError,
     PublishError,
+    QueueStopped,
     UnknownChannel,
 )
 from nocluster.plugin import Plugin
@@ -32,6 +33,7 @@ __all__ = [
     "Plugin",
     "PluginError",
     "PublishError",
+    "QueueStopped",
     "UnknownChannel",
     "app",
 ]

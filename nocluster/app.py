@@ -26,6 +26,7 @@ from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
 from nocluster.locks import LockManager
 from nocluster.nodes import NodeRegistry, RegistrySettings
+from nocluster.outbox import Outbox, OutboxSettings
 from nocluster.plugin import PluginRegistry
 from nocluster.pubsub import PubSubManager
 from nocluster.pubsub.debounce import Debouncer
@@ -35,14 +36,15 @@ from nocluster.sync import SyncMessageManager
 logger = logging.getLogger("nocluster.app")
 
 # Every component, in start order (stopped and closed in reverse, forked in this order). The lock manager comes
-# first: the others may take locks while starting and stopping. The registry comes last: a node is shown up
-# once it consumes.
+# first: the others may take locks while starting and stopping. The outbox relay starts once what it sends to
+# is up, and stops first. The registry comes last: a node is shown up once it consumes.
 COMPONENTS = (
     "lock_manager",
     "cache_manager",
     "pub_sub_manager",
     "sync_message_manager",
     "event_queue",
+    "outbox",
     "node_registry",
 )
 
@@ -120,11 +122,20 @@ class Application:
     @cached_property
     def sync_message_manager(self) -> SyncMessageManager:
         debounce = self.config.get("SYNC", {}).get("DEBOUNCE", 1.0)
-        return SyncMessageManager(self._identity(), self.pub_sub_manager, self.debouncer, debounce)
+        return SyncMessageManager(self._identity(), self.pub_sub_manager, self.debouncer, debounce, self.outbox)
 
     @cached_property
     def event_queue(self) -> EventQueue:
-        return EventQueue(self._identity(), load_backend("EVENT_QUEUE", self.config))
+        return EventQueue(self._identity(), load_backend("EVENT_QUEUE", self.config), self.outbox)
+
+    @cached_property
+    def outbox(self) -> Outbox:
+        """Messages published inside a transaction, relayed after its commit (the node's relay thread)."""
+        outbox = Outbox(self._identity(), OutboxSettings.from_config(self.config))
+        # The relay needs its senders even in a process that never touched the queue or the sync messages.
+        outbox.register("queue", lambda row: self.event_queue.relay(row))
+        outbox.register("sync", lambda row: self.sync_message_manager.relay(row))
+        return outbox
 
     @cached_property
     def node_registry(self) -> NodeRegistry:

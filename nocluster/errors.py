@@ -50,3 +50,7 @@ class Aborted(NoclusterError):
 
 class MalformedMessage(NoclusterError, ValueError):
     """A message from the wire does not have the shape its kind requires; it is logged and dropped."""
+
+
+class QueueStopped(PublishError):
+    """A message was published to an event queue that was stopped; the message names the channel."""

@@ -73,3 +73,66 @@ class Node(models.Model):
             "last_heartbeat": self.last_heartbeat.isoformat(),
             "stopped_at": self.stopped_at.isoformat() if self.stopped_at else None,
         }
+
+
+class OutboxMessage(models.Model):
+    """A message published inside a transaction, waiting to be relayed to its broker (:mod:`nocluster.outbox`).
+
+    Written in the caller's transaction, on the caller's database, so it commits or rolls back with the caller's
+    data; deleted once the broker accepted it.
+    """
+
+    app_name = models.CharField(max_length=100, help_text="app.name of the publishing project")
+    kind = models.CharField(max_length=20, help_text="queue or sync")
+    channel = models.CharField(max_length=200, help_text="channel, without the app prefix")
+    message_id = models.CharField(max_length=64, blank=True)
+    origin = models.CharField(max_length=32, blank=True, help_text="instance id of the publishing node")
+    body = models.JSONField(help_text="what the relay sends")
+    created = models.DateTimeField(auto_now_add=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="relay attempts that failed")
+    next_attempt = models.DateTimeField(null=True, blank=True, help_text="not relayed before this time")
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["app_name", "id"], name="nocluster_outbox_app_id")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.channel} {self.message_id}"
+
+
+class QueuedMessage(models.Model):
+    """An event queue message of the database backend (the embedded default): queued, leased while it runs."""
+
+    app_name = models.CharField(max_length=100)
+    channel = models.CharField(max_length=200, help_text="channel, without the app prefix")
+    message_id = models.CharField(max_length=64)
+    body = models.JSONField(help_text="the message as it travels (JSON)")
+    due = models.DateTimeField(help_text="not taken before this time")
+    lease_owner = models.CharField(max_length=32, blank=True, help_text="instance id of the node running it")
+    lease_until = models.DateTimeField(null=True, blank=True, help_text="taken again after this time")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["due", "id"]
+        indexes = [models.Index(fields=["app_name", "channel", "due"], name="nocluster_queued_due")]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.message_id}"
+
+
+class ProcessedMessage(models.Model):
+    """A relayed event queue message that ran to its end: a second copy (a relay that died between sending and
+    deleting sends it again) is dropped. Rows older than the dedupe window are removed by the relay."""
+
+    app_name = models.CharField(max_length=100)
+    message_id = models.CharField(max_length=64)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["app_name", "message_id"], name="nocluster_processed_once"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message_id

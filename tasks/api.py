@@ -135,31 +135,21 @@ def submit(
     max_retries: int = 0,
     app: PluginHost | None = None,
 ) -> Task:
-    """Create a queued :class:`Task` and publish it (after the current transaction commits, if any).
+    """Create a queued :class:`Task` and publish it; return the task.
 
-    ``timeout`` (seconds) and ``max_retries`` are those of the event queue message.
+    The task row and its message are written in one transaction (the caller's, if any): the message goes out
+    through the outbox after the commit, and waits there while the broker is unreachable, so a committed task
+    always runs and a rolled-back one never does. ``timeout`` (seconds) and ``max_retries`` are those of the
+    event queue message.
     """
     registry = _registry(app)
     channel = task_channel(plugin, name)
-    outermost = not transaction.get_connection().in_atomic_block
-    task: Task | None = None
-    try:
-        with transaction.atomic():
-            task = Task.objects.create(title=title or f"{plugin}.{name}", plugin=plugin, channel=channel, params=params)
-            task.message_id = registry.app.event_queue.publish(
-                channel, {"task_id": task.pk, "params": params}, timeout=timeout, max_retries=max_retries
-            )
-            task.save(update_fields=["message_id"])
-    except Exception as exc:
-        # The row committed but its message could not go out (the publish runs after the commit): say so on
-        # the task rather than leave it queued for ever. (Inside a caller's transaction the publish happens at
-        # the caller's commit, and its failure surfaces there.)
-        if outermost and task is not None and task.pk is not None:
-            Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED).update(
-                status=Task.Status.FAILED, error=f"could not be queued: {type(exc).__name__}: {exc}",
-                finished=timezone.now(),
-            )  # fmt: skip
-        raise
+    with transaction.atomic():
+        task = Task.objects.create(title=title or f"{plugin}.{name}", plugin=plugin, channel=channel, params=params)
+        task.message_id = registry.app.event_queue.publish(
+            channel, {"task_id": task.pk, "params": params}, timeout=timeout, max_retries=max_retries
+        )
+        task.save(update_fields=["message_id"])
     return task
 
 

@@ -134,13 +134,17 @@ class PubSubManager(Component):
         with self._lock:
             return list(self._subscriptions.get(channel, {}).values())
 
-    def publish(self, channel: str, message: JSON, skip_self: bool = True, only_self: bool = False) -> str:
+    def publish(
+        self, channel: str, message: JSON, skip_self: bool = True, only_self: bool = False, *, origin: str = ""
+    ) -> str:
         """Send ``message`` to every instance subscribed to ``channel``; returns the message id.
 
         Parameters:
           skip_self: the publishing instance does not receive it.
           only_self: only the publishing instance receives it, without the broker; its callbacks run in the
             calling thread before this returns (debounced ones later, in the debounce thread).
+          origin: for the outbox relay: the instance id of the node that published it first (``skip_self``
+            spares that node); default this node.
 
         Returns after the broker accepted the message.
 
@@ -154,7 +158,8 @@ class PubSubManager(Component):
         for flag, value in (("skip_self", skip_self), ("only_self", only_self)):
             if not isinstance(value, bool):
                 raise TypeError(f"channel {channel!r}: {flag} must be a bool, got {value!r}")
-        envelope = Envelope(self.identity.instance_id, message, skip_self=skip_self, only_self=only_self)
+        publisher = origin or self.identity.instance_id
+        envelope = Envelope(publisher, message, skip_self=skip_self, only_self=only_self)
         if only_self:
             self._dispatch(channel, envelope)
             return envelope.id

@@ -54,11 +54,15 @@ class QueueBackend(ABC):
 
     Attributes (seconds):
       max_timeout: the longest message timeout this backend accepts (None: no limit).
+      database: the database alias holding the queue, for a backend whose queue is a table (else None).
       grace: how long work that ignores its abort signal may go on before the backend stops it.
       retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
     """
 
     max_timeout: float | None = None
+    # The database alias whose table holds the queue (None: a broker or memory). Publishing inside a transaction
+    # on that alias is transactional already, so the manager skips the outbox.
+    database: str | None = None
     grace: float = 5.0
     retry_backoff: float = 1.0
     retry_backoff_max: float = 60.0

@@ -12,21 +12,23 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from nocluster.durations import count, seconds
 from nocluster.envelope import ensure_json, validate_channel
-from nocluster.errors import NoclusterError, PublishError, UnknownChannel
+from nocluster.errors import NoclusterError, PublishError, QueueStopped, UnknownChannel
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.outbox import Outbox
 from nocluster.queue import failures
 from nocluster.queue.backend import QueueBackend
+from nocluster.queue.ledger import DedupeLedger
 from nocluster.queue.message import Message, Process, Subscription
 from nocluster.queue.runner import Outcome, run_message
 from nocluster.queue.signal import CANCELLED, AbortSignal
 
 if TYPE_CHECKING:
-    from nocluster.models import FailedMessage
+    from nocluster.models import FailedMessage, OutboxMessage
 
 logger = logging.getLogger("nocluster.queue")
 
@@ -41,10 +43,14 @@ class EventQueue(Component):
     Parameters:
       identity: the node (its ``name`` prefixes channels; its instance id names it in logs and records).
       backend: a :class:`~nocluster.queue.backend.QueueBackend`.
+      outbox: where messages published inside a transaction wait for its commit.
     """
 
-    def __init__(self, identity: NodeIdentity, backend: QueueBackend) -> None:
+    def __init__(self, identity: NodeIdentity, backend: QueueBackend, outbox: Outbox) -> None:
         self.identity = identity
+        self.outbox = outbox
+        self.ledger = DedupeLedger(identity.name)
+        self._stopped = False
         self.backend = backend
         self._subscriptions: dict[str, Subscription] = {}
         self._running: dict[str, AbortSignal] = {}
@@ -107,24 +113,38 @@ class EventQueue(Component):
           payload: a JSON value (else ``TypeError`` naming the channel).
           timeout: seconds after which ``context.signal`` fires; the try then counts as failed.
           max_retries: further tries after a failure, with exponential backoff.
-          using: the database alias whose transaction gates the publish: inside ``atomic()`` the message
-            goes out after the commit, never after a rollback; outside one it goes out at once.
+          using: the database alias of the caller's transaction: inside ``atomic()`` the message is written to
+            the outbox in that transaction and relayed after the commit (by any node, until the broker took
+            it), never after a rollback; outside one it goes out at once.
 
         Raises:
           UnknownChannel: nothing subscribed to ``channel``.
           TypeError: ``payload`` is not JSON, or ``timeout``/``max_retries`` is not a number (``bool`` included).
           ValueError: ``timeout`` or ``max_retries`` are out of range.
           PublishError: the broker refused the message or cannot be reached (outside a transaction).
+          QueueStopped: this node's event queue was stopped.
         """
         self.subscription(channel)
         ensure_json(channel, payload)
         message = Message(channel, payload, *self._checked_limits(channel, timeout, max_retries))
-        full_channel = self.full_channel(channel)
-        if connections[using or DEFAULT_DB_ALIAS].in_atomic_block:
-            transaction.on_commit(lambda: self._send(full_channel, message), using=using)
+        if self._stopped:
+            raise QueueStopped(
+                f"queue channel {channel!r}: the event queue of node {self.identity.short_id} is stopped"
+            )
+        alias = using or DEFAULT_DB_ALIAS
+        if connections[alias].in_atomic_block and self.backend.database != alias:
+            # In the caller's transaction: the outbox row commits or rolls back with the caller's data.
+            message.relayed = True
+            self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
         else:
-            self._send(full_channel, message)
+            # Outside a transaction, or a backend whose queue is a table of this very database.
+            self._send(self.full_channel(channel), message)
         return message.id
+
+    def relay(self, row: OutboxMessage) -> None:
+        """The outbox's sender of ``"queue"`` rows: queue the message the row holds."""
+        message = Message.from_wire(row.body)
+        self._send(self.full_channel(message.channel), message)
 
     def _checked_limits(self, channel: str, timeout: object, max_retries: object) -> tuple[float, int]:
         seconds_ = seconds(timeout, f"channel {channel!r}: timeout")
@@ -157,7 +177,17 @@ class EventQueue(Component):
         return outcome
 
     def execute(self, subscription: Subscription, message: Message, grace: float | None = None) -> Outcome:
-        """Run ``process`` once with a fresh abort signal, registered for :meth:`cancel` while it runs."""
+        """Run ``process`` once with a fresh abort signal, registered for :meth:`cancel` while it runs.
+
+        A second copy of a relayed message that already ran is not run (``"duplicate"``).
+        """
+        if self.ledger.ran_already(message):
+            logger.warning(
+                "%s %s: a second copy of a relayed message that already ran; dropped",
+                self.full_channel(message.channel), message.id,
+                extra={"channel": message.channel, "message_id": message.id},
+            )  # fmt: skip
+            return Outcome("duplicate")
         signal = AbortSignal()
         with self._lock:
             self._running[message.id] = signal
@@ -170,10 +200,12 @@ class EventQueue(Component):
 
     def settle(self, message: Message, outcome: Outcome, node: str) -> None:
         """After a try: nothing to do, a retry with backoff, or a failed record (never a silent drop)."""
-        if outcome.status != "failed":
-            logger.debug("%s %s on %s: %s", self.full_channel(message.channel), message.id, node, outcome.status)
+        if outcome.status == "failed":
+            self.fail_or_retry(message, outcome.error, node)
             return
-        self.fail_or_retry(message, outcome.error, node)
+        logger.debug("%s %s on %s: %s", self.full_channel(message.channel), message.id, node, outcome.status)
+        if outcome.status != "duplicate":
+            self.ledger.remember(message)
 
     def fail_or_retry(self, message: Message, error: str, node: str) -> None:
         """Publish the next try of ``message`` after its backoff, or record it as failed if none is left."""
@@ -194,6 +226,7 @@ class EventQueue(Component):
             "%s %s failed on %s after %d tries: %s", full_channel, message.id, node, message.retried + 1, error
         )
         failures.record(self.identity.name, message, error, node)
+        self.ledger.remember(message)
 
     # --- cancellation ------------------------------------------------------------------------------------------
     def cancel(self, message_id: str, reason: str = CANCELLED) -> bool:
@@ -230,11 +263,14 @@ class EventQueue(Component):
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start this process's consumers (memory: worker threads; celery: nothing, workers consume)."""
+        """Start this process's consumers (in-process backends: worker threads; celery: nothing, workers consume)."""
+        self._stopped = False
         self.backend.start()
 
     def stop(self) -> None:
-        """Stop taking messages and wait for those in flight (see the backend)."""
+        """Stop taking messages and wait for those in flight (see the backend); publishing then raises
+        :class:`~nocluster.errors.QueueStopped` until the next :meth:`start`."""
+        self._stopped = True
         self.backend.stop()
 
     def after_fork(self) -> None:

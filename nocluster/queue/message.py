@@ -27,6 +27,7 @@ class Message:
       max_retries: how many more tries after the first one failing.
       retried: 0 on the first try, then 1, 2, ... (``context.retried``).
       published_at: Unix time of the first publish (seconds).
+      relayed: it went through the outbox, which may send it twice: the consumer drops a second copy.
     """
 
     channel: str
@@ -36,6 +37,7 @@ class Message:
     retried: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     published_at: float = field(default_factory=time.time)
+    relayed: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object a backend carries."""
@@ -47,6 +49,7 @@ class Message:
             "retried": self.retried,
             "id": self.id,
             "published_at": self.published_at,
+            **({"relayed": True} if self.relayed else {}),
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class Message:
             timeout=timeout,
             id=wire_id(fields, "id", what),
             published_at=float(wire_field(fields, "published_at", (int, float), what)),
+            relayed=bool(fields.get("relayed") is True),
             **counts,
         )
 

@@ -1,26 +1,29 @@
 """``app.sync_message_manager``: tell the other instances that a plugin's state changed, after the commit.
 
 A sync message means "reload this", not "apply this delta": it travels on pub/sub channel ``"sync.{channel}"``
-with ``skip_self=True`` (the sender already has the new state), is sent only once the database transaction
-commits (``transaction.on_commit(..., robust=True)``; never after a rollback; at once outside a transaction),
-and is debounced on the receiving side (``NOCLUSTER["SYNC"]["DEBOUNCE"]`` seconds, default 1).
+with ``skip_self=True`` (the sender already has the new state), and is debounced on the receiving side
+(``NOCLUSTER["SYNC"]["DEBOUNCE"]`` seconds, default 1). Inside ``atomic()`` it is written to the outbox in the
+caller's transaction and sent after the commit, by any node, once pub/sub takes it (never after a rollback; a
+failing ``on_commit`` callback cannot lose it); outside a transaction it is sent at once.
 
-Wire format (the pub/sub message): ``{"seq": n, "source": instance_id, "message": <the caller's JSON>}``.
-Receivers check ``seq`` per publisher (:mod:`nocluster.sync.sequence`); a gap, or a reconnect of this node's
-pub/sub consumer, makes every affected subscriber resync (``Plugin.resync()``, or the callback called with
-the resync marker).
+Wire format (the pub/sub message): ``{"seq": n, "source": instance_id, "message": <the caller's JSON>, "id"}``.
+``seq`` is numbered per sending instance when the message goes on the wire. Receivers check it per source
+(:mod:`nocluster.sync.sequence`); a gap, or a reconnect of this node's pub/sub consumer, makes every affected
+subscriber resync (``Plugin.resync()``, or the callback called with the resync marker). A repeated ``(source,
+seq)`` or ``id`` (an outbox row sent twice) is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from nocluster.db import close_old_connections
 from nocluster.durations import optional_seconds, seconds
@@ -37,9 +40,13 @@ from nocluster.envelope import (
 from nocluster.errors import MalformedMessage
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.outbox import Outbox
 from nocluster.pubsub.debounce import Debouncer
-from nocluster.pubsub.manager import PubSubManager
+from nocluster.pubsub.manager import RECENT_IDS, PubSubManager, RecentIds
 from nocluster.sync.sequence import GapDetector, SequenceCounter, resync_marker
+
+if TYPE_CHECKING:
+    from nocluster.models import OutboxMessage
 
 logger = logging.getLogger("nocluster.sync")
 
@@ -60,9 +67,10 @@ class SyncPayload:
     seq: int
     source: str
     message: JSON
+    id: str = ""
 
     def to_wire(self) -> dict[str, JSON]:
-        return {"seq": self.seq, "source": self.source, "message": self.message}
+        return {"seq": self.seq, "source": self.source, "message": self.message, "id": self.id}
 
     @classmethod
     def from_wire(cls, data: object) -> SyncPayload:
@@ -72,7 +80,8 @@ class SyncPayload:
         seq = wire_field(fields, "seq", int, what)
         if seq < 1:
             raise MalformedMessage(f"{what}: field 'seq' must be >= 1, got {seq}")
-        return cls(seq, wire_id(fields, "source", what), wire_json(fields, "message", what))
+        message_id = wire_id(fields, "id", what) if "id" in fields else ""
+        return cls(seq, wire_id(fields, "source", what), wire_json(fields, "message", what), message_id)
 
 
 class SyncPlugin(Protocol):
@@ -94,11 +103,15 @@ class SyncMessageManager(Component):
       pubsub: the pub/sub manager the messages travel on.
       debouncer: where debounced calls wait (the pub/sub manager's, started and stopped with it).
       debounce: default seconds over which equal messages make one call (``NOCLUSTER["SYNC"]["DEBOUNCE"]``).
+      outbox: where messages published inside a transaction wait for its commit.
     """
 
-    def __init__(self, identity: NodeIdentity, pubsub: PubSubManager, debouncer: Debouncer, debounce: float) -> None:
+    def __init__(
+        self, identity: NodeIdentity, pubsub: PubSubManager, debouncer: Debouncer, debounce: float, outbox: Outbox
+    ) -> None:
         self.identity = identity
         self.pubsub = pubsub
+        self.outbox = outbox
         self.debouncer = debouncer
         self.debounce = seconds(debounce, 'NOCLUSTER["SYNC"]["DEBOUNCE"]', allow_zero=True)
         pubsub.on_reconnect(self._on_reconnect)
@@ -110,6 +123,7 @@ class SyncMessageManager(Component):
         self._receivers: dict[str, Callback] = {}
         self._sequences = SequenceCounter()
         self._gaps = GapDetector()
+        self._recent = RecentIds(RECENT_IDS)
 
     # --- public API ----------------------------------------------------------------------------------
     def publish(self, channel: str, message: JSON, using: str | None = None) -> None:
@@ -120,10 +134,16 @@ class SyncMessageManager(Component):
 
         Raises (at once, not at commit):
           TypeError: ``message`` is not JSON (names the channel). InvalidChannel: bad channel name.
+          PublishError: outside a transaction, pub/sub could not take it.
         """
         validate_channel(channel)
         ensure_json(f"sync.{channel}", message)
-        transaction.on_commit(partial(self._send, channel, message), using=using, robust=True)
+        alias = using or DEFAULT_DB_ALIAS
+        message_id = uuid.uuid4().hex
+        if connections[alias].in_atomic_block:
+            self.outbox.add(alias, "sync", channel, message_id, {"message": message})
+        else:
+            self._send(channel, message, message_id)
 
     def subscribe(
         self,
@@ -193,14 +213,18 @@ class SyncMessageManager(Component):
         with self._lock:
             return list(self._subscriptions.get(channel, {}).values())
 
-    def _send(self, channel: str, message: JSON) -> None:
+    def relay(self, row: OutboxMessage) -> None:
+        """The outbox's sender of ``"sync"`` rows (the publishing node is spared, whoever relays)."""
+        self._send(row.channel, row.body["message"], row.message_id, origin=row.origin)
+
+    def _send(self, channel: str, message: JSON, message_id: str, origin: str = "") -> None:
         # The number is taken even if the publish fails: receivers then see a gap at the next one and resync.
         try:
             with self._send_lock:
-                payload = SyncPayload(self._sequences.next(channel), self.identity.instance_id, message)
-                self.pubsub.publish(f"sync.{channel}", payload.to_wire(), skip_self=True)
+                payload = SyncPayload(self._sequences.next(channel), self.identity.instance_id, message, message_id)
+                self.pubsub.publish(f"sync.{channel}", payload.to_wire(), skip_self=True, origin=origin)
         except Exception:
-            logger.exception("sync channel %r: message not sent by instance %s", channel, self.identity.instance_id)
+            logger.warning("sync channel %r: message not sent by instance %s", channel, self.identity.instance_id)
             raise
 
     def _receive(self, channel: str, data: Any) -> None:
@@ -208,6 +232,9 @@ class SyncMessageManager(Component):
             payload = SyncPayload.from_wire(data)
         except MalformedMessage as exc:
             logger.error("sync channel %r: dropped on instance %s: %s", channel, self.identity.instance_id, exc)
+            return
+        if self._gaps.repeated(channel, payload.source, payload.seq) or (payload.id and self._recent.seen(payload.id)):
+            logger.info("sync channel %r: repeated message %s dropped", channel, payload.id or payload.seq)
             return
         missed = self._gaps.observe(channel, payload.source, payload.seq)
         if missed:

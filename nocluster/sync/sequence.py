@@ -58,6 +58,12 @@ class GapDetector:
             self._last[(channel, source)] = seq
             return seq - last - 1
 
+    def repeated(self, channel: str, source: str, seq: int) -> bool:
+        """True if ``seq`` from ``source`` on ``channel`` is not newer than the last one seen (a second copy)."""
+        with self._lock:
+            last = self._last.get((channel, source))
+            return last is not None and seq <= last
+
     def reset(self) -> None:
         """Forget every baseline (after a reconnect, which resyncs anyway)."""
         with self._lock:

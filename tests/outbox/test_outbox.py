@@ -1,0 +1,148 @@
+"""The transactional outbox on the embedded backends: rows commit and roll back with the caller's data, wait while
+their target refuses them, and leave once it took them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from nocluster import Application
+from nocluster.models import InstalledPlugin, OutboxMessage, ProcessedMessage
+from nocluster.queue.message import Message
+from nocluster.testing import drain, wait_until
+from settings.test import RUN_ID
+from tests.pubsub.test_contract import Inbox
+
+MEMORY = "nocluster.queue.backends.memory.MemoryQueueBackend"
+LOCAL = "nocluster.pubsub.backends.local.LocalPubSubBackend"
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def nodes(transactional_db: None) -> Iterator[tuple[Application, Application]]:
+    """Two started nodes on one local bus, each with an in-process queue consuming channel ``jobs``."""
+    name = f"t{RUN_ID}-o{next(_names)}"
+    built = []
+    for _ in range(2):
+        node = Application(
+            {
+                "NAME": name,
+                "PUBSUB": {"BACKEND": LOCAL, "OPTIONS": {"bus": name}},
+                "EVENT_QUEUE": {"BACKEND": MEMORY, "OPTIONS": {"poll_interval": 0.02}},
+                "OUTBOX": {"INTERVAL": 0.05, "BACKOFF_MAX": 0.2},
+            }
+        )
+        built.append(node)
+    yield built[0], built[1]
+    for node in built:
+        for component in (node.outbox, node.event_queue, node.pub_sub_manager):
+            component.stop()
+
+
+def start(node: Application, ran: list[Any]) -> None:
+    node.event_queue.subscribe("jobs", lambda payload, context: ran.append(payload))
+    node.pub_sub_manager.start()
+    node.event_queue.start()
+
+
+def test_rows_commit_with_the_data_and_leave_once_sent(nodes: tuple[Application, Application]) -> None:
+    node, _ = nodes
+    ran: list[Any] = []
+    start(node, ran)
+    # Given one transaction that rolls back and one that commits, each with a write and a message
+    with pytest.raises(RuntimeError), transaction.atomic():
+        InstalledPlugin.objects.create(name="rolled-back")
+        node.event_queue.publish("jobs", "rolled back")
+        assert OutboxMessage.objects.count() == 1  # written in the transaction
+        raise RuntimeError("roll back")
+    with transaction.atomic():
+        InstalledPlugin.objects.create(name="committed")
+        node.event_queue.publish("jobs", "committed")
+
+    # Then only the committed message ran, and no row is left
+    assert node.event_queue.drain(10)
+    assert ran == ["committed"]
+    assert not OutboxMessage.objects.exists()
+
+
+def test_a_target_that_refuses_keeps_the_row_and_the_other_callbacks_still_run(
+    nodes: tuple[Application, Application],
+) -> None:
+    sender, receiver = nodes
+    ran: list[Any] = []
+    start(sender, ran)
+    receiver.pub_sub_manager.start()
+    inbox, callbacks = Inbox(), []
+    receiver.sync_message_manager.subscribe("schema", inbox, debounce=0)
+    queue_backend = sender.event_queue.backend
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("broker unreachable")
+
+    # Given a queue that refuses at the commit, a sync message and another on_commit callback in one transaction
+    queue_backend.publish = refuse  # type: ignore[method-assign]
+    try:
+        with transaction.atomic():
+            sender.event_queue.publish("jobs", 1)
+            sender.sync_message_manager.publish("schema", "reload")
+            transaction.on_commit(lambda: callbacks.append("ran"))
+        # Then the commit went through, the callback ran, the sync message arrived, and the queue row waits
+        assert callbacks == ["ran"]
+        drain(sender, receiver)
+        assert inbox.items == ["reload"]
+        row = OutboxMessage.objects.get()
+        assert row.kind == "queue" and row.attempts == 1 and "ConnectionError: broker unreachable" in row.last_error
+    finally:
+        del queue_backend.publish
+    # When the queue takes messages again, the relay thread sends the row by itself
+    sender.outbox.start()
+    wait_until(lambda: ran == [1] and not OutboxMessage.objects.exists(), timeout=10)
+
+
+def test_any_node_relays_what_another_left_behind(nodes: tuple[Application, Application]) -> None:
+    crashed, survivor = nodes
+    ran: list[Any] = []
+    start(survivor, ran)
+    crashed.event_queue.subscribe("jobs", lambda payload, context: None)
+
+    # Given rows that a node wrote and never sent (it died right after its commit)
+    crashed.outbox.flush = lambda using="default": 0  # type: ignore[method-assign]
+    with transaction.atomic():
+        for n in range(5):
+            crashed.event_queue.publish("jobs", n)
+    assert OutboxMessage.objects.count() == 5
+
+    # Then the other node's relay sends them, in order
+    survivor.outbox.start()
+    wait_until(lambda: sorted(ran) == list(range(5)) and not OutboxMessage.objects.exists(), timeout=10)
+
+
+def test_a_second_copy_of_a_relayed_message_does_not_run(nodes: tuple[Application, Application]) -> None:
+    node, _ = nodes
+    ran: list[Any] = []
+    start(node, ran)
+    # Given a relayed message that ran
+    with transaction.atomic():
+        node.event_queue.publish("jobs", "once")
+    assert node.event_queue.drain(10) and ran == ["once"]
+    processed = ProcessedMessage.objects.get(app_name=node.name)
+    # When the same row is sent again (a relay killed between sending and deleting sends it twice)
+    body = Message("jobs", "once", id=processed.message_id, relayed=True).to_wire()
+    node.event_queue.relay(OutboxMessage(app_name=node.name, kind="queue", channel="jobs", body=body))
+    # Then it is dropped before it runs
+    assert node.event_queue.drain(10)
+    assert ran == ["once"]
+
+
+def test_publishing_to_a_stopped_queue_is_refused(nodes: tuple[Application, Application]) -> None:
+    from nocluster import QueueStopped
+
+    node, _ = nodes
+    start(node, [])
+    node.event_queue.stop()
+    with pytest.raises(QueueStopped, match="'jobs'"):
+        node.event_queue.publish("jobs", 1)
