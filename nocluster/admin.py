@@ -6,7 +6,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from nocluster import app
-from nocluster.models import FailedMessage, InstalledPlugin, Node
+from nocluster.models import FailedMessage, InstalledPlugin, Node, OutboxMessage
 from nocluster.nodes import node_state
 
 
@@ -80,3 +80,33 @@ class NodeAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False  # every node keeps its own row; the registry removes the dead ones
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):
+    """Messages committed but not yet relayed to their broker (read-only: every node's relay sends them)."""
+
+    list_display = ("kind", "channel", "message_id", "age", "attempts", "next_attempt", "short_error")
+    list_filter = ("kind", "channel")
+    search_fields = ("channel", "message_id", "last_error")
+    readonly_fields = [field.name for field in OutboxMessage._meta.fields]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[OutboxMessage]:
+        return super().get_queryset(request).filter(app_name=app.name)
+
+    @admin.display(description="age (s)", ordering="created")
+    def age(self, row: OutboxMessage) -> str:
+        return f"{(timezone.now() - row.created).total_seconds():.1f}"
+
+    @admin.display(description="last error")
+    def short_error(self, row: OutboxMessage) -> str:
+        return row.last_error.splitlines()[0][:120] if row.last_error else ""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False  # deleting a row would lose a committed message

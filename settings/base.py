@@ -79,6 +79,15 @@ TEMPLATES = [
 # --- Database: SQLite unless DATABASE_URL is set (PostgreSQL in a cluster). ---
 DATABASE_URL = env("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Every process of the project shares the file (the embedded event queue and outbox are tables in it):
+    # WAL lets readers run beside the writer, IMMEDIATE takes the write lock when a transaction begins (so two
+    # processes never read the same queue row and both update it), and a writer waits up to 20 s for the lock.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache: LocMemCache unless REDIS_URL is set (django-redis in a cluster). ---

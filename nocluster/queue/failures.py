@@ -11,6 +11,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
+from django.db import DataError, transaction
 from django.dispatch import Signal
 
 from nocluster.queue.message import Message
@@ -31,24 +32,46 @@ def failed_message_model() -> type[FailedMessage]:
 
 
 def record(app_name: str, message: Message, error: str, node: str) -> None:
-    """Write the failed record of ``message``; if even that fails, log the whole message at ERROR and raise."""
+    """Write the failed record of ``message``; if even that fails, log the whole message at ERROR and raise.
+
+    A payload the database refuses as given (a NUL character in a string, which PostgreSQL cannot store) is
+    stored escaped, as JSON text under ``"nocluster.unstorable_payload"``, with the reason in the error.
+    """
+    fields = {
+        "app_name": app_name,
+        "channel": message.channel,
+        "message_id": message.id,
+        "payload": message.payload,
+        "error": _storable(error)[:20000],
+        "tries": message.retried + 1,
+        "max_retries": message.max_retries,
+        "timeout": message.timeout,
+        "node": node[:200],
+    }
     try:
-        failed_message_model().objects.create(
-            app_name=app_name,
-            channel=message.channel,
-            message_id=message.id,
-            payload=message.payload,
-            error=error[:20000],
-            tries=message.retried + 1,
-            max_retries=message.max_retries,
-            timeout=message.timeout,
-            node=node[:200],
-        )
+        try:
+            _create(fields)
+        except (DataError, ValueError) as refused:
+            # ASCII JSON text: a NUL or a lone surrogate becomes a \\u escape, which the database stores.
+            fields["payload"] = {"nocluster.unstorable_payload": json.dumps(message.payload, ensure_ascii=True)}
+            reason = f"\n(payload stored escaped: the database refused it as given: {type(refused).__name__})"
+            fields["error"] = (fields["error"] + _storable(reason))[:20000]
+            _create(fields)
     except Exception:
         logger.exception(
             "could not record failed message %s of %s.%s; message: %s",
-            message.id, app_name, message.channel, json.dumps(message.to_wire()),
+            message.id, app_name, message.channel, json.dumps(message.to_wire(), ensure_ascii=True),
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         raise
     message_failed.send(sender=Message, message=message, error=error, node=node)
+
+
+def _create(fields: dict[str, object]) -> None:
+    # In a savepoint: a refused row must not break the transaction the caller may be in.
+    with transaction.atomic():
+        failed_message_model().objects.create(**fields)
+
+
+def _storable(text: str) -> str:
+    return text.replace("\x00", "\\x00")

@@ -48,6 +48,13 @@ def failed_messages() -> int | None:
         return None
 
 
+def outbox() -> dict[str, Any] | None:
+    try:
+        return app.outbox.backlog()
+    except Exception:
+        return None
+
+
 def nodes() -> list[dict[str, Any]] | None:
     try:
         return app.node_registry.nodes()
@@ -58,7 +65,8 @@ def nodes() -> list[dict[str, Any]] | None:
 class Command(BaseCommand):
     help = (
         "Show the cluster: its nodes with their state and last heartbeat, the configured backends and whether "
-        "each is reachable, the event queue's depth per channel and the number of failed queue messages. "
+        "each is reachable, the event queue's depth per channel, the number of failed queue messages and the "
+        "outbox backlog (committed messages not yet relayed). "
         "--json prints one JSON object for scripts; --check exits 1 when a backend is unreachable."
     )
 
@@ -73,6 +81,7 @@ class Command(BaseCommand):
             "backends": backends(),
             "queues": queue_depths(),
             "failed_messages": failed_messages(),
+            "outbox": outbox(),
         }
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2, default=str))
@@ -108,3 +117,9 @@ class Command(BaseCommand):
             write(f"  {channel:<40} {'?' if depth is None else depth}")
         failed = report["failed_messages"]
         write(f"\nFailed queue messages: {'?' if failed is None else failed}")
+        backlog = report["outbox"]
+        if backlog is None:
+            write("Outbox: ? (is the database migrated and reachable?)")
+        else:
+            oldest = "" if backlog["oldest_seconds"] is None else f", oldest {backlog['oldest_seconds']:.1f} s"
+            write(f"Outbox: {backlog['pending']} message(s) waiting for their broker{oldest}")
