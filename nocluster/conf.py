@@ -11,7 +11,7 @@ from django.utils.module_loading import import_string
 DEFAULTS: dict[str, Any] = {
     "NAME": "main",
     "PUBSUB": {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {}},
-    "EVENT_QUEUE": {"BACKEND": "nocluster.queue.backends.memory.MemoryQueueBackend", "OPTIONS": {}},
+    "EVENT_QUEUE": {"BACKEND": "nocluster.queue.backends.database.DatabaseQueueBackend", "OPTIONS": {}},
     "LOCKS": {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}},
     "SYNC": {"DEBOUNCE": 1.0},
 }

@@ -123,7 +123,7 @@ NOCLUSTER: dict[str, Any] = {
     "EVENT_QUEUE": (
         {"BACKEND": "nocluster.queue.backends.celery.CeleryQueueBackend", "OPTIONS": {}}
         if BROKER_URL
-        else {"BACKEND": "nocluster.queue.backends.memory.MemoryQueueBackend", "OPTIONS": {}}
+        else {"BACKEND": "nocluster.queue.backends.database.DatabaseQueueBackend", "OPTIONS": {}}
     ),
     "LOCKS": (
         {"BACKEND": "nocluster.locks.backends.redis.RedisLockBackend", "OPTIONS": {"url": REDIS_URL}}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nocluster import Application, PublishError
+from nocluster import Application
 from nocluster.models import FailedMessage
 from plugins.async_task_manager.jobs import checksum
 from settings.test import RUN_ID

@@ -1,8 +1,9 @@
-"""MemoryQueueBackend: the event queue in this process, on named worker threads. The embedded default.
+"""MemoryQueueBackend: the event queue in this process, on named worker threads. For tests and one-process tools.
 
 Limits, by design: messages live in this process's memory only. They are lost when the process exits or
-crashes, and another process never sees them (each node runs what it publishes). Use the celery backend in a
-cluster. ``drain(timeout)`` waits until everything queued has run, for tests.
+crashes, and another process never sees them (each node runs what it publishes). The embedded default is the
+database backend (:mod:`nocluster.queue.backends.database`); in a cluster use the celery backend.
+``drain(timeout)`` waits until everything queued has run, for tests.
 """
 
 from __future__ import annotations
