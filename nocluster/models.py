@@ -136,3 +136,22 @@ class ProcessedMessage(models.Model):
 
     def __str__(self) -> str:
         return self.message_id
+
+
+class Redelivery(models.Model):
+    """How often the broker delivered an event queue try after its worker died (Celery backend): a message that
+    keeps killing its worker is recorded failed after ``max_deliveries`` instead of running for ever."""
+
+    app_name = models.CharField(max_length=100)
+    message_id = models.CharField(max_length=64)
+    retried = models.PositiveIntegerField()
+    deliveries = models.PositiveIntegerField(default=1)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["app_name", "message_id", "retried"], name="nocluster_redelivery_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} try {self.retried}: {self.deliveries} deliveries"

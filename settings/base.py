@@ -121,7 +121,18 @@ NOCLUSTER: dict[str, Any] = {
         else {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {}}
     ),
     "EVENT_QUEUE": (
-        {"BACKEND": "nocluster.queue.backends.celery.CeleryQueueBackend", "OPTIONS": {}}
+        {
+            "BACKEND": "nocluster.queue.backends.celery.CeleryQueueBackend",
+            "OPTIONS": {
+                "broker_url": BROKER_URL,
+                # Seconds: Celery's time limits and the Redis visibility timeout are derived from them.
+                "max_timeout": float(env("NOCLUSTER_QUEUE_MAX_TIMEOUT", "300")),
+                "grace": float(env("NOCLUSTER_QUEUE_GRACE", "5")),
+                "retry_backoff": float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF", "1")),
+                "retry_backoff_max": float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX", "60")),
+                "defer_delay": float(env("NOCLUSTER_QUEUE_DEFER_DELAY", "0.5")),
+            },
+        }
         if BROKER_URL
         else {"BACKEND": "nocluster.queue.backends.database.DatabaseQueueBackend", "OPTIONS": {}}
     ),
@@ -139,17 +150,6 @@ NOCLUSTER: dict[str, Any] = {
         "REMOVE_AFTER": float(env("NOCLUSTER_NODE_REMOVE_AFTER", "300")),
     },
 }
-
-# --- Event queue limits, in seconds (nocluster/celery.py derives Celery's time limits and the Redis
-# visibility timeout from them). ---
-NOCLUSTER_QUEUE_MAX_TIMEOUT = float(env("NOCLUSTER_QUEUE_MAX_TIMEOUT", "300"))
-NOCLUSTER_QUEUE_GRACE = float(env("NOCLUSTER_QUEUE_GRACE", "5"))
-NOCLUSTER_QUEUE_RETRY_BACKOFF = float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF", "1"))
-NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX = float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX", "60"))
-NOCLUSTER_QUEUE_DEFER_DELAY = float(env("NOCLUSTER_QUEUE_DEFER_DELAY", "0.5"))
-
-# --- Celery (used only when BROKER_URL is set). nocluster/celery.py adds the reliability settings. ---
-CELERY_BROKER_URL = BROKER_URL or "memory://"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

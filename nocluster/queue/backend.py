@@ -48,6 +48,10 @@ class QueueListener(Protocol):
         """Publish the next try of ``message`` after its backoff, or record it as failed."""
         ...
 
+    def fail(self, message: Message, error: str, node: str) -> None:
+        """Record ``message`` as failed (no retry)."""
+        ...
+
 
 class QueueBackend(ABC):
     """Base class of event queue backends.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.db import DataError, transaction
 from django.dispatch import Signal
@@ -37,7 +37,7 @@ def record(app_name: str, message: Message, error: str, node: str) -> None:
     A payload the database refuses as given (a NUL character in a string, which PostgreSQL cannot store) is
     stored escaped, as JSON text under ``"nocluster.unstorable_payload"``, with the reason in the error.
     """
-    fields = {
+    fields: dict[str, Any] = {
         "app_name": app_name,
         "channel": message.channel,
         "message_id": message.id,
@@ -67,7 +67,7 @@ def record(app_name: str, message: Message, error: str, node: str) -> None:
     message_failed.send(sender=Message, message=message, error=error, node=node)
 
 
-def _create(fields: dict[str, object]) -> None:
+def _create(fields: dict[str, Any]) -> None:
     # In a savepoint: a refused row must not break the transaction the caller may be in.
     with transaction.atomic():
         failed_message_model().objects.create(**fields)

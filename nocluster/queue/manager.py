@@ -222,9 +222,15 @@ class EventQueue(Component):
                 return
             except Exception as exc:
                 error = f"{error}\n(retry could not be published: {type(exc).__name__}: {exc})"
+        self.fail(message, error, node)
+
+    def fail(self, message: Message, error: str, node: str) -> None:
+        """Record ``message`` as failed with ``error`` (no retry); raise if the record cannot be written."""
         logger.error(
-            "%s %s failed on %s after %d tries: %s", full_channel, message.id, node, message.retried + 1, error
-        )
+            "%s.%s %s failed on %s after %d tries: %s",
+            self.identity.name, message.channel, message.id, node, message.retried + 1, error,
+            extra={"channel": message.channel, "message_id": message.id},
+        )  # fmt: skip
         failures.record(self.identity.name, message, error, node)
         self.ledger.remember(message)
 

@@ -28,6 +28,8 @@ class Message:
       retried: 0 on the first try, then 1, 2, ... (``context.retried``).
       published_at: Unix time of the first publish (seconds).
       relayed: it went through the outbox, which may send it twice: the consumer drops a second copy.
+      settle_error, settle_attempts: a failed try whose retry or failed record could not be written: the error to
+        settle with, and how many times that was tried (the message is not run again, only settled).
     """
 
     channel: str
@@ -38,6 +40,8 @@ class Message:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     published_at: float = field(default_factory=time.time)
     relayed: bool = False
+    settle_error: str = ""
+    settle_attempts: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object a backend carries."""
@@ -50,6 +54,11 @@ class Message:
             "id": self.id,
             "published_at": self.published_at,
             **({"relayed": True} if self.relayed else {}),
+            **(
+                {"settle_error": self.settle_error, "settle_attempts": self.settle_attempts}
+                if self.settle_error
+                else {}
+            ),
         }
 
     @classmethod
@@ -72,12 +81,18 @@ class Message:
             id=wire_id(fields, "id", what),
             published_at=float(wire_field(fields, "published_at", (int, float), what)),
             relayed=bool(fields.get("relayed") is True),
+            settle_error=str(fields.get("settle_error") or ""),
+            settle_attempts=int(fields.get("settle_attempts") or 0),
             **counts,
         )
 
+    def held(self, error: str) -> Message:
+        """This message, kept after a failed try that could not be settled with ``error`` (one more attempt)."""
+        return dataclasses.replace(self, settle_error=error or "failed", settle_attempts=self.settle_attempts + 1)
+
     def next_try(self) -> Message:
         """The same message for its next try (``retried`` + 1)."""
-        return dataclasses.replace(self, retried=self.retried + 1)
+        return dataclasses.replace(self, retried=self.retried + 1, settle_error="", settle_attempts=0)
 
 
 class Process(Protocol):

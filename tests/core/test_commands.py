@@ -118,9 +118,18 @@ def test_publish_refuses_bad_input_with_a_one_line_error(
     assert message in error
 
 
-def test_publish_says_the_in_process_backends_cannot_reach_nodes(node_env: dict[str, str]) -> None:
+def test_publish_says_the_in_process_pub_sub_cannot_reach_nodes(node_env: dict[str, str]) -> None:
     assert "pub/sub is in-process" in one_line_error(manage(node_env, "publish", "news", "[1]"))
-    assert "event queue is in-process" in one_line_error(manage(node_env, "publish", QUEUE_CHANNEL, "1", "--queue"))
+
+
+def test_publish_queues_on_the_database_queue_of_the_embedded_defaults(node_env: dict[str, str]) -> None:
+    from nocluster.models import QueuedMessage
+
+    # The embedded event queue is a table every process of the project shares: the message waits there for a node
+    result = manage(node_env, "publish", QUEUE_CHANNEL, '{"rounds": 1}', "--queue")
+    assert result.returncode == 0, result.stderr
+    message_id = result.stdout.strip().rsplit(" ", 1)[-1]
+    assert QueuedMessage.objects.filter(app_name=node_env["NOCLUSTER_NAME"], message_id=message_id).exists()
 
 
 def test_cluster_check_fails_naming_the_unreachable_backends(node_env: dict[str, str]) -> None:

@@ -3,8 +3,10 @@ commands they run (which must exist in the project) and the environment variable
 
 from __future__ import annotations
 
-import importlib
+import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -54,9 +56,13 @@ def test_every_command_exists_in_the_project(services: dict[str, Any]) -> None:
         if command[:2] == ["python", "manage.py"]:
             assert command[2] in commands, f"{name}: manage.py {command[2]} is not a command"
         elif command[0] == "celery":
+            # Imported as the worker would, with the service's environment (no connection is made)
             module = command[command.index("-A") + 1]
-            celery_app = importlib.import_module(module)
-            assert hasattr(celery_app, "app") or hasattr(celery_app, "celery"), f"{name}: {module} has no Celery app"
+            env = {**os.environ, "DJANGO_SETTINGS_MODULE": "settings", **service.get("environment", {})}
+            env.pop("DJANGO_ENV", None)
+            check = f"import {module}, celery; assert isinstance({module}.app, celery.Celery)"
+            done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, f"{name}: {module} has no Celery app: {done.stderr[-2000:]}"
         else:
             pytest.fail(f"{name}: unexpected command {command}")
 

@@ -1,4 +1,12 @@
-"""Fixtures of the queue tests: a cluster of real Celery workers per broker, shared by the tests of a module."""
+"""Fixtures of the queue tests: the event queue under test on every backend, with the same handlers and events.
+
+``queue`` gives, for each backend in turn, an Application that publishes and a uniform way to read what the
+handlers recorded (:mod:`tests.queue.scenarios`: JSON events on a Redis list) and to drain:
+
+- ``memory`` and ``database``: the in-process backends, consumed by the test process itself (built per test);
+- ``redis`` and ``amqp``: Celery on each broker, consumed by two real worker processes (3 prefork processes
+  each) shared by the tests of a module; each test uses its own message ids.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ from typing import Any
 
 import pytest
 from django.db import connection
-from django.test import override_settings
 from kombu import Connection
 
 from nocluster import Application
@@ -18,23 +25,32 @@ from settings.test import RUN_ID
 from tests.conftest import server_unavailable
 from tests.helpers import wait_until
 from tests.queue import scenarios
-from tests.queue.workers import QUEUE_LIMITS, Worker, start_workers, stop_workers
+from tests.queue.workers import LIMIT_OPTIONS, QUEUE_LIMITS, Worker, start_workers, stop_workers
 
 CELERY_BACKEND = "nocluster.queue.backends.celery.CeleryQueueBackend"
+IN_PROCESS = {
+    "memory": "nocluster.queue.backends.memory.MemoryQueueBackend",
+    "database": "nocluster.queue.backends.database.DatabaseQueueBackend",
+}
+IN_PROCESS_OPTIONS = {"retry_backoff": 0.05, "retry_backoff_max": 0.2, "grace": 0.5, "poll_interval": 0.05}
+BACKENDS = ["memory", "database", "redis", "amqp"]
 _names = itertools.count(1)
 
 
 @dataclass
 class Cluster:
-    """Workers of one project (``name``) on one broker, and an Application that publishes to them."""
+    """The event queue of one project (``name``) on one backend, and an Application that publishes to it."""
 
     name: str
     broker: str
-    broker_url: str
-    env: dict[str, str]
     app: Application
+    env: dict[str, str] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     include: str = "tests.queue.worker_scenarios"
+
+    @property
+    def celery(self) -> bool:
+        return self.broker in {"redis", "amqp"}
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         return scenarios.events(self.name, kind)
@@ -42,6 +58,10 @@ class Cluster:
     def wait_events(self, kind: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         wait_until(lambda: len(self.events(kind)) >= count, timeout=timeout, message=f"{count} {kind!r} events")
         return self.events(kind)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until nothing of this project is queued, delayed, held or running (AssertionError after it)."""
+        assert self.app.event_queue.drain(timeout), f"the queue on {self.broker} did not drain in {timeout} s"
 
     def worker_of(self, node_pid: int) -> Worker:
         return next(worker for worker in self.workers if worker.pid == node_pid)
@@ -67,13 +87,6 @@ def worker_database_url(django_db_setup: None, django_db_blocker: Any) -> str:
         return f"postgres://{user}{password}@{host}:{port}/{params['NAME']}"
 
 
-@pytest.fixture(scope="module")
-def queue_limits() -> Iterator[dict[str, str]]:
-    """The short queue limits in this process too (the publisher computes time limits from them)."""
-    with override_settings(**{key: float(value) for key, value in QUEUE_LIMITS.items()}):
-        yield QUEUE_LIMITS
-
-
 def cluster_env(name: str, broker_url: str, database_url: str, redis_url: str) -> dict[str, str]:
     return {
         "DJANGO_ENV": "test",
@@ -87,39 +100,85 @@ def cluster_env(name: str, broker_url: str, database_url: str, redis_url: str) -
     }
 
 
-def publisher(name: str, broker_url: str) -> Application:
-    app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": {"broker_url": broker_url}}})
+def celery_publisher(name: str, broker_url: str) -> Application:
+    options = {"broker_url": broker_url, **LIMIT_OPTIONS}
+    app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": options}})
     scenarios.register(app)
     return app
 
 
-def cleanup(cluster: Cluster) -> None:
+def cleanup(cluster: Cluster, broker_url: str) -> None:
     """Delete this project's queues on the broker and its keys in Redis (never a FLUSHDB)."""
     queues = [celery_queue(cluster.app.event_queue.full_channel(c)) for c in cluster.app.event_queue.channels()]
     try:
-        with Connection(cluster.broker_url) as conn:
+        with Connection(broker_url) as conn:
             channel = conn.default_channel
             for queue in queues:
                 queue(channel).delete()
     except Exception as exc:  # best effort: the names are unique to this run anyway
         print(f"queues of {cluster.name} not deleted: {exc}")
+    delete_keys(cluster.name)
+
+
+def delete_keys(name: str) -> None:
     client = scenarios.client()
-    for key in client.scan_iter(match=f"{cluster.name}:*", count=500):
+    for key in client.scan_iter(match=f"{name}:*", count=500):
         client.delete(key)
 
 
-@pytest.fixture(scope="module", params=["redis", "amqp"])
-def cluster(
-    request: pytest.FixtureRequest, worker_database_url: str, redis_url: str, queue_limits: dict[str, str]
-) -> Iterator[Cluster]:
-    """Two workers (3 prefork processes each) of a fresh project on one real broker, for this module."""
-    broker_url = request.getfixturevalue("redis_url" if request.param == "redis" else "amqp_url")
+def start_celery_cluster(broker: str, broker_url: str, database_url: str, redis_url: str) -> Cluster:
     name = f"t{RUN_ID}-q{next(_names)}"
-    env = cluster_env(name, broker_url, worker_database_url, redis_url)
-    result = Cluster(name, request.param, broker_url, env, publisher(name, broker_url))
+    env = cluster_env(name, broker_url, database_url, redis_url)
+    result = Cluster(name, broker, celery_publisher(name, broker_url), env)
     result.workers = start_workers([f"w1-{name}", f"w2-{name}"], env, include=result.include)
+    return result
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(worker_database_url: str, redis_url: str) -> Iterator[Cluster]:
+    """Two workers of a fresh project on the real Redis broker, for this module."""
+    yield from _celery_cluster("redis", redis_url, worker_database_url, redis_url)
+
+
+@pytest.fixture(scope="module")
+def amqp_cluster(worker_database_url: str, redis_url: str, amqp_url: str) -> Iterator[Cluster]:
+    """Two workers of a fresh project on the real RabbitMQ broker, for this module."""
+    yield from _celery_cluster("amqp", amqp_url, worker_database_url, redis_url)
+
+
+def _celery_cluster(broker: str, broker_url: str, database_url: str, redis_url: str) -> Iterator[Cluster]:
+    result = start_celery_cluster(broker, broker_url, database_url, redis_url)
     try:
         yield result
     finally:
         stop_workers(result.workers)
-        cleanup(result)
+        cleanup(result, broker_url)
+
+
+@pytest.fixture(params=BACKENDS)
+def queue(request: pytest.FixtureRequest, transactional_db: None) -> Cluster:
+    """The event queue on each backend in turn (see the module docstring)."""
+    if request.param in IN_PROCESS:
+        return _in_process(request)
+    return request.getfixturevalue(f"{request.param}_cluster")
+
+
+def _in_process(request: pytest.FixtureRequest) -> Cluster:
+    kind = request.param
+    name = f"t{RUN_ID}-m{next(_names)}"
+    app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": IN_PROCESS[kind], "OPTIONS": IN_PROCESS_OPTIONS}})
+    scenarios.register(app)
+    app.event_queue.start()
+
+    def finish() -> None:
+        app.event_queue.stop()
+        delete_keys(name)
+
+    request.addfinalizer(finish)
+    return Cluster(name, kind, app)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """Celery on each broker in turn (for what only the Celery backend has)."""
+    return request.getfixturevalue(f"{request.param}_cluster")

@@ -56,6 +56,11 @@ def set_idle(name: str, idle: bool) -> None:
     client().set(f"{name}:idle", "1" if idle else "0", ex=600)
 
 
+def gate_asks(name: str) -> int:
+    """How many times a node asked the ``gated`` channel's ``idle()`` so far."""
+    return int(client().get(f"{name}:gate-asks") or 0)
+
+
 def register(app: Application) -> None:
     """Subscribe every test channel of project ``app.name``."""
     name = app.name
@@ -116,6 +121,7 @@ def register(app: Application) -> None:
         record("gated", context, payload=payload)
 
     def gate() -> bool:
+        client().incr(f"{name}:gate-asks")
         return client().get(f"{name}:idle") == b"1"
 
     def long(payload: Any, context: Context) -> None:

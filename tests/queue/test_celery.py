@@ -1,7 +1,8 @@
-"""The event queue on Celery with real worker processes, on Redis and on RabbitMQ (the ``cluster`` fixture).
+"""What only the Celery backend has, with real worker processes on Redis and on RabbitMQ (the ``cluster``
+fixture): the hard time limit, pool processes and workers killed, the longest timeout, and drain().
 
-Tests share one pair of workers per broker; each test uses its own message ids and channels' events.
-The worker-killing test runs last in the module and replaces the worker it killed.
+Tests share one pair of workers per broker; each test uses its own message ids. The worker-killing test runs
+last in the module and replaces the worker it killed. What every backend does is in test_contract.py.
 """
 
 from __future__ import annotations
@@ -9,18 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections import defaultdict
 
 import pytest
-from django.db import transaction
 
-from nocluster import UnknownChannel
 from nocluster.models import FailedMessage
 from nocluster.queue.backends.celery import WORKER_LOST_RETRIES
 from tests.helpers import wait_until
-from tests.queue import scenarios
 from tests.queue.conftest import Cluster
-from tests.queue.scenarios import max_overlap, of
+from tests.queue.scenarios import of
 
 pytestmark = pytest.mark.cluster
 
@@ -31,134 +28,37 @@ def failed_record(message_id: str, timeout: float = 30.0) -> FailedMessage:
     )
 
 
-def test_each_message_runs_once_on_a_worker(cluster: Cluster) -> None:
-    # When five messages are published
-    ids = [cluster.app.event_queue.publish("echo", {"n": n}, timeout=5) for n in range(5)]
-
-    # Then each runs exactly once, with its payload, on the first try
-    wait_until(lambda: {event["id"] for event in cluster.events("echo")} >= set(ids), timeout=30)
-    time.sleep(0.5)  # a duplicate would show up now
-    events = [event for event in cluster.events("echo") if event["id"] in ids]
-    assert sorted(event["id"] for event in events) == sorted(ids)
-    assert sorted(event["payload"]["n"] for event in events) == list(range(5))
-    assert {event["retried"] for event in events} == {0}
-
-
-def test_retried_counts_up_to_max_retries_then_the_message_is_recorded_failed(
+def test_work_ignoring_even_the_soft_time_limit_is_killed_by_the_hard_limit(
     cluster: Cluster, transactional_db: None
 ) -> None:
-    # Given a process that always raises
-    message_id = cluster.app.event_queue.publish("flaky", {"succeed_at": None}, timeout=5, max_retries=2)
-
-    # Then it is tried 3 times, retried 0, 1, 2, and a failed record holds the message and its error
-    record = failed_record(message_id)
-    tries = of(cluster.events("flaky"), message_id)
-    assert [event["retried"] for event in tries] == [0, 1, 2]
-    assert (record.channel, record.tries, record.payload) == ("flaky", 3, {"succeed_at": None})
-    assert "flaky failure on try 2" in record.error
-    assert record.node
-
-
-def test_a_retry_that_succeeds_leaves_no_failed_record(cluster: Cluster, transactional_db: None) -> None:
-    message_id = cluster.app.event_queue.publish("flaky", {"succeed_at": 1}, timeout=5, max_retries=3)
-
-    wait_until(lambda: len(of(cluster.events("flaky"), message_id)) >= 2, timeout=30)
-    time.sleep(1.0)  # a third try or a failed record would show up now
-    assert [event["retried"] for event in of(cluster.events("flaky"), message_id)] == [0, 1]
-    assert not FailedMessage.objects.filter(message_id=message_id).exists()
-
-
-def test_work_overrunning_its_timeout_sees_the_signal_and_is_retried(cluster: Cluster, transactional_db: None) -> None:
-    # Given work that would take 8 s with a 1 s timeout, and one retry
-    message_id = cluster.app.event_queue.publish("overrun", {"sleep": 8}, timeout=1, max_retries=1)
-
-    # Then each try saw its signal fire for the timeout (after ~1 s, not 8), was retried once, then failed
-    record = failed_record(message_id)
-    tries = of(cluster.events("overrun"), message_id)
-    assert [(event["retried"], event["aborted"], event["reason"]) for event in tries] == [
-        (0, True, "timeout"),
-        (1, True, "timeout"),
-    ]
-    assert record.tries == 2
-    assert "timed out after 1.0 s" in record.error
-
-
-def test_work_ignoring_its_signal_is_stopped_after_the_grace(cluster: Cluster, transactional_db: None) -> None:
-    # Given work that ignores its signal (timeout 1 s, grace 1 s), and work that even ignores the soft time limit
-    stubborn = cluster.app.event_queue.publish("stubborn", {"sleep": 30}, timeout=1)
+    # Given work that ignores its signal and the soft time limit (timeout 1 s, grace 1 s)
+    started = time.monotonic()
     deaf = cluster.app.event_queue.publish("deaf", {"sleep": 30}, timeout=1)
 
-    # Then the first is stopped by the soft limit (timeout + grace), the second killed by the hard limit
-    # (timeout + 2 x grace); both are recorded failed long before their 30 s would end
-    started = time.monotonic()
-    assert "SoftTimeLimitExceeded" in failed_record(stubborn, timeout=20).error
+    # Then its pool process is killed at timeout + 2 x grace and the try is recorded failed, long before 30 s
     assert "TimeLimitExceeded" in failed_record(deaf, timeout=20).error
     assert time.monotonic() - started < 20
-    assert not cluster.events("stubborn-end") and not cluster.events("deaf-end")
     # And the killed pool process was replaced: the worker still runs new work
     echo = cluster.app.event_queue.publish("echo", "after", timeout=5)
     wait_until(lambda: of(cluster.events("echo"), echo), timeout=30)
+    cluster.drain()
+    assert not of(cluster.events("deaf-end"), deaf)
 
 
-def test_concurrency_two_never_runs_three_at_once_on_a_node(cluster: Cluster) -> None:
-    # Given a channel with concurrency=2 and workers with 3 pool processes each
-    ids = {cluster.app.event_queue.publish("slow", {"sleep": 0.6}, timeout=5) for _ in range(10)}
-
-    # When all 10 have run
-    wait_until(lambda: {event["id"] for event in cluster.events("slow")} >= ids, timeout=60)
-    events = [event for event in cluster.events("slow") if event["id"] in ids]
-    by_node: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for event in events:
-        by_node[event["node"]].append((event["start"], event["end"]))
-
-    # Then no node ever ran more than 2 at once (measured with the start/end timestamps), and the limit was used
-    peaks = {node: max_overlap(intervals) for node, intervals in by_node.items()}
-    assert len(events) == 10
-    assert max(peaks.values()) == 2, peaks
-
-
-def test_a_node_that_is_not_idle_leaves_messages_queued_without_spending_a_retry(cluster: Cluster) -> None:
-    # Given every node says it is not idle
-    scenarios.set_idle(cluster.name, False)
-    ids = {cluster.app.event_queue.publish("gated", n, timeout=5) for n in range(3)}
-
-    # Then nothing runs while it says so
-    time.sleep(2.0)
-    assert not cluster.events("gated")
-
-    # When the nodes become idle, every message runs, on its first try
-    scenarios.set_idle(cluster.name, True)
-    events = [event for event in cluster.wait_events("gated", 3, timeout=30) if event["id"] in ids]
-    assert {event["id"] for event in events} == ids
-    assert {event["retried"] for event in events} == {0}
-
-
-def test_a_rolled_back_transaction_publishes_nothing(cluster: Cluster, transactional_db: None) -> None:
-    # Given one publish in a transaction that rolls back and one in a transaction that commits
-    with pytest.raises(RuntimeError), transaction.atomic():
-        cluster.app.event_queue.publish("echo", "rolled back", timeout=5)
-        raise RuntimeError("roll back")
-    with transaction.atomic():
-        committed = cluster.app.event_queue.publish("echo", "committed", timeout=5)
-        # Not sent before the commit
-        time.sleep(0.5)
-        assert not of(cluster.events("echo"), committed)
-
-    # Then only the committed one runs
-    wait_until(lambda: of(cluster.events("echo"), committed), timeout=30)
-    time.sleep(0.5)
-    assert "rolled back" not in [event["payload"] for event in cluster.events("echo")]
-
-
-def test_bad_publishes_get_errors_naming_the_channel(cluster: Cluster) -> None:
-    queue = cluster.app.event_queue
-    with pytest.raises(UnknownChannel, match="'nobody'"):
-        queue.publish("nobody", {})
-    with pytest.raises(TypeError, match="'echo'"):
-        queue.publish("echo", {"when": b"bytes"})
-    # Longer than the longest timeout the workers allow (it sizes the Redis visibility timeout)
+def test_a_timeout_longer_than_the_queue_allows_is_refused(cluster: Cluster) -> None:
+    # The longest timeout sizes the Redis visibility timeout, so a longer one could run twice
     with pytest.raises(ValueError, match=r"'echo'.*exceeds the longest this queue allows"):
-        queue.publish("echo", {}, timeout=11)
+        cluster.app.event_queue.publish("echo", {}, timeout=11)
+
+
+def test_drain_waits_for_a_retry_waiting_out_its_delay(cluster: Cluster, transactional_db: None) -> None:
+    # Given a message whose first try fails and whose retry waits out its backoff (0.2 s, on a worker or queued)
+    message_id = cluster.app.event_queue.publish("flaky", {"succeed_at": 1}, timeout=5, max_retries=1)
+    wait_until(lambda: of(cluster.events("flaky"), message_id), timeout=30)
+
+    # When the queue drains, the retry has run: drain did not return while it was still pending
+    cluster.drain()
+    assert [event["retried"] for event in of(cluster.events("flaky"), message_id)] == [0, 1]
 
 
 def test_a_killed_pool_process_s_message_is_run_again(cluster: Cluster, transactional_db: None) -> None:
@@ -182,7 +82,7 @@ def test_a_message_that_keeps_killing_its_process_is_recorded_failed(cluster: Cl
     # Then it is run again a bounded number of times (1 + WORKER_LOST_RETRIES), then recorded failed, not looped
     record = failed_record(message_id, timeout=60)
     assert "WorkerLostError" in record.error
-    time.sleep(1.5)  # a further redelivery would show up now
+    cluster.drain()
     assert len(of(cluster.events("poison"), message_id)) == 1 + WORKER_LOST_RETRIES
 
 

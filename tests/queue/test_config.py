@@ -1,24 +1,31 @@
-"""The Celery settings that decide whether work is lost or run twice, as the project's Celery app has them."""
+"""The Celery settings that decide whether work is lost or run twice, as the backend's own Celery app has them."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
-from nocluster.celery import create_app, queue_limits, visibility_timeout
-from tests.queue.workers import QUEUE_LIMITS
-
-
-@pytest.fixture
-def limits(settings: Any) -> dict[str, float]:
-    for key, value in QUEUE_LIMITS.items():
-        setattr(settings, key, float(value))
-    return queue_limits()
+from nocluster import Application
+from nocluster.queue.backends.celery_app import QueueLimits, visibility_timeout
+from tests.queue.conftest import CELERY_BACKEND
+from tests.queue.workers import LIMIT_OPTIONS
 
 
-def test_reliability_settings_are_forced(limits: dict[str, float], redis_url: str) -> None:
-    conf = create_app(broker_url=redis_url, app_name="cfg").conf
+def celery_app(broker_url: str, **options: object) -> object:
+    app = Application(
+        {
+            "NAME": "cfg",
+            "EVENT_QUEUE": {
+                "BACKEND": CELERY_BACKEND,
+                "OPTIONS": {"broker_url": broker_url, **LIMIT_OPTIONS, **options},
+            },
+        }
+    )
+    return app.event_queue.backend.celery_app  # type: ignore[attr-defined]
+
+
+def test_reliability_settings_are_forced(redis_url: str) -> None:
+    conf = celery_app(redis_url).conf  # type: ignore[attr-defined]
 
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_retry_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
@@ -27,23 +34,34 @@ def test_reliability_settings_are_forced(limits: dict[str, float], redis_url: st
     assert conf.result_backend is None and conf.task_ignore_result
 
 
-def test_the_redis_visibility_timeout_is_derived_from_the_longest_timeout(
-    limits: dict[str, float], redis_url: str
-) -> None:
-    # The longest life of an unacked message: retry delay (2) + max timeout (10) + 2 x grace (1) + margin (10)
+def test_the_redis_visibility_timeout_is_derived_from_the_longest_timeout(redis_url: str) -> None:
+    # The longest life of an unacked message: retry delay (2) + 3 x (max timeout (10) + 2 x grace (1)) + margin (10)
+    limits = QueueLimits(**LIMIT_OPTIONS)
     assert visibility_timeout(limits) == 2 + 3 * (10 + 2 * 1) + 10
-    celery_app = create_app(broker_url=redis_url, app_name="cfg")
 
     # And the channel really uses it (celery#9339: a setting that is not picked up stays at 3600 s)
-    with celery_app.connection_for_write() as connection:
+    with celery_app(redis_url).connection_for_write() as connection:  # type: ignore[attr-defined]
         assert connection.default_channel.visibility_timeout == visibility_timeout(limits)
         assert connection.default_channel.global_keyprefix == "cfg:"
 
 
-def test_rabbitmq_publishes_with_confirms(limits: dict[str, float], amqp_url: str) -> None:
-    celery_app = create_app(broker_url=amqp_url, app_name="cfg")
-
-    assert celery_app.conf.broker_transport_options["confirm_publish"] is True
-    with celery_app.connection_for_write() as connection:
+def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:
+    app = celery_app(amqp_url)
+    assert app.conf.broker_transport_options["confirm_publish"] is True  # type: ignore[attr-defined]
+    with app.connection_for_write() as connection:  # type: ignore[attr-defined]
         connection.ensure_connection()
         assert connection.connection.confirm_publish is True  # the py-amqp connection waits for broker acks
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"grace": True}, "option grace must be a number"),
+        ({"max_timeout": float("nan")}, "option max_timeout must be a finite number"),
+        ({"max_deliveries": 0}, "option max_deliveries"),
+        ({"retries": 3}, "retries"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(redis_url: str, options: dict[str, object], match: str) -> None:
+    with pytest.raises((ImproperlyConfigured, TypeError, ValueError), match=match):
+        celery_app(redis_url, **options)

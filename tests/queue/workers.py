@@ -20,6 +20,14 @@ QUEUE_LIMITS = {
     "NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX": "2",
     "NOCLUSTER_QUEUE_DEFER_DELAY": "0.2",
 }
+# The same limits as the Celery backend's OPTIONS, for an Application of the test process.
+LIMIT_OPTIONS = {
+    "max_timeout": 10.0,
+    "grace": 1.0,
+    "retry_backoff": 0.2,
+    "retry_backoff_max": 2.0,
+    "defer_delay": 0.2,
+}
 
 
 class Worker:

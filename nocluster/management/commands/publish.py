@@ -62,7 +62,10 @@ class Command(BaseCommand):
     def sender(self, channel: str, options: dict[str, Any]) -> Any:
         if options["queue"]:
             if isinstance(app.event_queue.backend, MemoryQueueBackend):
-                raise CommandError("the event queue is in-process (memory backend): set BROKER_URL to reach workers")
+                raise CommandError(
+                    "the event queue is in-process (memory backend): use the database backend (the default) or set "
+                    "BROKER_URL to reach workers"
+                )
             timeout = 15.0 if options["timeout"] is None else options["timeout"]
             max_retries = 0 if options["max_retries"] is None else options["max_retries"]
             return lambda message: app.event_queue.publish(channel, message, timeout=timeout, max_retries=max_retries)

@@ -1,9 +1,9 @@
 """CeleryQueueBackend: the event queue on Celery, RabbitMQ or Redis (``celery -A nocluster.celery worker``).
 
-One shared task (``nocluster.queue.deliver``) carries every message as JSON; each channel is its own Celery
-queue ``"{app.name}.{channel}"``, which workers consume for every subscribed channel. The reliability
-settings (late ack, reject and retry on worker lost, prefetch 1, publisher confirms, the Redis visibility
-timeout) are in :mod:`nocluster.celery`. Here:
+The backend owns its Celery app (:mod:`.celery_app`: every reliability setting, written once), its one task
+``nocluster.queue.deliver`` and the worker's signal handlers (:mod:`.celery_worker`), and its limits (OPTIONS).
+Each channel is its own durable Celery queue ``"{app.name}.{channel}"``, which workers consume for every
+subscribed channel. Messages stay ordinary Celery messages (JSON, one positional argument). Here:
 
 - timeout: ``context.signal`` fires at the timeout (a timer in the pool process); the Celery soft time limit
   (timeout + grace) raises ``SoftTimeLimitExceeded`` in work that ignored it, and the hard limit
@@ -12,8 +12,11 @@ timeout) are in :mod:`nocluster.celery`. Here:
   whose ``idle()`` says False, publishes the message again after ``defer_delay`` seconds and acks this copy,
   without counting a retry.
 - a pool process killed mid-task: Celery retries the message (``task_retry_on_worker_lost``) up to
-  ``WORKER_LOST_RETRIES`` times, then it is recorded as failed; a whole worker killed: the broker redelivers
-  (RabbitMQ at once, Redis after the visibility timeout).
+  ``WORKER_LOST_RETRIES`` times, then it is recorded as failed. A whole worker killed: the broker delivers it
+  again (RabbitMQ at once, Redis after the visibility timeout); a message delivered again ``max_deliveries``
+  times after its worker died is recorded as failed instead of run once more (no poison loop).
+- a try whose failed record cannot be written (the database is down) is kept: the message goes back to the
+  broker with a growing delay (up to ``retry_backoff_max``) and only its settling is tried again.
 """
 
 from __future__ import annotations
@@ -21,76 +24,78 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
-from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
+from celery import Celery, Task
+from celery.exceptions import Reject
+from django.db import transaction
+from django.db.models import F
 from kombu import Exchange, Queue
 
+from nocluster.durations import count
 from nocluster.errors import UnknownChannel
 from nocluster.queue.backend import QueueBackend
+from nocluster.queue.backends import celery_worker
+from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
 from nocluster.queue.message import Message, Subscription
 from nocluster.queue.slots import node_slot
 
 if TYPE_CHECKING:
-    from celery import Celery, Task
+    from nocluster.models import Redelivery
 
 logger = logging.getLogger("nocluster.queue.celery")
 
-TASK_NAME = "nocluster.queue.deliver"
-LIMITS = ("max_timeout", "grace", "retry_backoff", "retry_backoff_max", "defer_delay")
-WORKER_LOST_RETRIES = 3
+TASK_NAME = celery_worker.TASK_NAME
+WORKER_LOST_RETRIES = celery_worker.WORKER_LOST_RETRIES
+
+
+def redelivery_model() -> type[Redelivery]:
+    from nocluster.models import Redelivery  # this module loads before the app registry is ready
+
+    return Redelivery
 
 
 class CeleryQueueBackend(QueueBackend):
-    """Event queue on Celery. Limits (``max_timeout``, ``grace``, retry backoff) come from :mod:`nocluster.celery`.
-
-    Options:
-      broker_url: None (the default) uses the project's Celery app (``CELERY_BROKER_URL``); a URL builds a
-        private Celery app with the same settings on that broker (tools, tests, a second broker).
+    """Options (keyword-only; durations in seconds, see :class:`~.celery_app.QueueLimits`):
+    broker_url: ``amqp://...`` (RabbitMQ) or ``redis://...``.
+    max_timeout (300), grace (5), retry_backoff (1), retry_backoff_max (60), defer_delay (0.5).
+    max_deliveries: how many times a message may make its whole worker die before it is recorded failed (5).
+    transport_options: more kombu transport options (under the forced ones).
     """
 
-    def __init__(self, *, broker_url: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        max_timeout: float = 300.0,
+        grace: float = 5.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 60.0,
+        defer_delay: float = 0.5,
+        max_deliveries: int = 5,
+        transport_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(broker_url, str) or not broker_url:
+            raise ValueError('CeleryQueueBackend needs a broker_url (NOCLUSTER["EVENT_QUEUE"]["OPTIONS"])')
         self.broker_url = broker_url
+        self.limits = QueueLimits.checked(
+            max_timeout=max_timeout, grace=grace, retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max, defer_delay=defer_delay,
+        )  # fmt: skip
+        self.max_timeout, self.grace = self.limits.max_timeout, self.limits.grace
+        self.retry_backoff, self.retry_backoff_max = self.limits.retry_backoff, self.limits.retry_backoff_max
+        self.defer_delay = self.limits.defer_delay
+        self.max_deliveries = count(max_deliveries, "CeleryQueueBackend option max_deliveries", least=1)
+        self.transport_options = dict(transport_options or {})
 
     @cached_property
     def celery_app(self) -> Celery:
-        from nocluster import celery as project
-
-        celery_app = (
-            project.app
-            if self.broker_url is None
-            else project.create_app(broker_url=self.broker_url, app_name=self.manager.identity.name)
-        )
-        celery_app.nocluster_backend = self  # type: ignore[attr-defined]
+        """This backend's Celery app (built on first use; the worker command takes it from here)."""
+        celery_app = build_celery_app(self.broker_url, self.manager.identity.name, self.limits, self.transport_options)
+        celery_worker.install(self, celery_app)
         return celery_app
-
-    @cached_property
-    def limits(self) -> dict[str, float]:
-        """``max_timeout``, ``grace``, ``retry_backoff``, ``retry_backoff_max``, ``defer_delay`` (seconds)."""
-        conf = self.celery_app.conf
-        return {key: float(conf[f"nocluster_{key}"]) for key in LIMITS}
-
-    @property
-    def max_timeout(self) -> float:  # type: ignore[override]
-        return self.limits["max_timeout"]
-
-    @property
-    def grace(self) -> float:  # type: ignore[override]
-        return self.limits["grace"]
-
-    @property
-    def retry_backoff(self) -> float:  # type: ignore[override]
-        return self.limits["retry_backoff"]
-
-    @property
-    def retry_backoff_max(self) -> float:  # type: ignore[override]
-        return self.limits["retry_backoff_max"]
-
-    @property
-    def defer_delay(self) -> float:
-        return self.limits["defer_delay"]
 
     @cached_property
     def task(self) -> Task:
@@ -98,23 +103,22 @@ class CeleryQueueBackend(QueueBackend):
 
     # --- the contract -------------------------------------------------------------------------------------
     def register(self, full_channel: str, subscription: Subscription) -> None:
-        """Nothing to do here: workers consume every subscribed channel (``nocluster.celery``)."""
+        """Nothing to do here: workers consume every subscribed channel when they start."""
 
     def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
-        grace = self.limits["grace"]
         self.task.apply_async(
             args=(message.to_wire(),),
             queue=celery_queue(full_channel),
             countdown=delay if delay > 0 else None,
-            soft_time_limit=message.timeout + grace,
-            time_limit=message.timeout + 2 * grace,
+            soft_time_limit=message.timeout + self.grace,
+            time_limit=message.timeout + 2 * self.grace,
             # What logs and events show; also spares Celery a saferepr of the whole payload per publish.
             argsrepr=f"({message.channel!r}, id={message.id!r}, retried={message.retried})",
             kwargsrepr="{}",
         )
 
     def depth(self, full_channel: str) -> int:
-        """Messages waiting in the channel's broker queue.
+        """Messages waiting in the channel's broker queue (not those a worker holds).
 
         Declares the queue as a worker would (durable, same arguments) and reads the count from the reply: a
         passive declare on kombu's Redis transport ignores ``global_keyprefix`` and reports every queue missing.
@@ -124,7 +128,46 @@ class CeleryQueueBackend(QueueBackend):
             return int(declared.message_count)
 
     def drain(self, timeout: float = 10.0) -> bool:
-        raise NotImplementedError("CeleryQueueBackend.drain: not written yet (issue 11, in progress)")
+        """Wait until no message of this app is queued, delayed, held or running on any worker; True if so.
+
+        A message moves from its queue to a worker in two steps, so "nothing anywhere" must hold for three polls
+        in a row (50 ms apart), as Dramatiq's ``join(min_successes)``. Each poll declares every subscribed queue
+        and reads its count; on Redis it reads the unacked hash (every message a worker holds: running, prefetched
+        or waiting out its countdown); on RabbitMQ, which does not count what consumers hold, it asks every
+        worker (remote control: active, reserved, scheduled), having found them with one ``ping`` (0.5 s).
+        """
+        deadline = time.monotonic() + timeout
+        workers = None if is_redis(self.broker_url) else self._workers()
+        quiet = 0
+        while quiet < 3:
+            quiet = 0 if self._busy(workers) else quiet + 1
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _workers(self) -> list[str]:
+        replies = self.celery_app.control.ping(timeout=0.5) or []
+        return [name for reply in replies for name in reply]
+
+    def _busy(self, workers: list[str] | None) -> bool:
+        if any(self.depth(self.manager.full_channel(channel)) for channel in self.manager.channels()):
+            return True
+        if workers is None:
+            with self.celery_app.connection_for_read() as connection:
+                channel = connection.default_channel
+                return bool(channel.client.hlen(channel.unacked_key))
+        if not workers:
+            return False
+        inspect = self.celery_app.control.inspect(destination=workers, limit=len(workers), timeout=2.0)
+        prefix = f"{self.manager.identity.name}."
+        for held in (inspect.active(), inspect.reserved(), inspect.scheduled()):
+            for tasks in (held or {}).values():
+                for task in tasks:
+                    info = task.get("request", task).get("delivery_info") or {}
+                    if str(info.get("routing_key", "")).startswith(prefix):
+                        return True
+        return False
 
     def ping(self) -> None:
         with self.celery_app.connection_for_write() as connection:
@@ -139,10 +182,15 @@ class CeleryQueueBackend(QueueBackend):
         """Run one delivery in a pool process: idle and concurrency gates, then the try, then settle it."""
         node = str(task.request.hostname or f"{os.getpid()}@{socket.gethostname()}")
         full_channel = self.manager.full_channel(message.channel)
+        if message.settle_error:
+            self._settle(full_channel, message, message.settle_error, node)
+            return
+        if (task.request.delivery_info or {}).get("redelivered") and self._gave_up(message, node):
+            return
         try:
             subscription = self.manager.subscription(message.channel)
         except UnknownChannel as exc:
-            self.manager.fail_or_retry(message, f"{exc} (on node {node})", node)
+            self._settle(full_channel, message, f"{exc} (on node {node})", node)
             return
         if not self._idle(subscription, full_channel):
             self.defer(full_channel, message)
@@ -152,12 +200,53 @@ class CeleryQueueBackend(QueueBackend):
                 self.defer(full_channel, message)
                 return
             outcome = self.manager.execute(subscription, message)
-        try:
+        if outcome.status == "failed":
+            self._settle(full_channel, message, outcome.error, node)
+        else:
             self.manager.settle(message, outcome, node)
+
+    def _settle(self, full_channel: str, message: Message, error: str, node: str) -> None:
+        """Retry or record the failed try; if neither can be written, keep the message with a growing delay."""
+        try:
+            self.manager.fail_or_retry(message, error, node)
         except Exception as exc:
-            # Neither the retry nor the failed record could be written: hand the message back to the broker
-            # rather than ack it (it runs again: at least once, never dropped).
-            raise Reject(exc, requeue=True) from exc
+            held = message.held(error)
+            delay = self.retry_delay(held.settle_attempts)
+            logger.warning(
+                "%s %s: failed try not settled (attempt %d: %s: %s); kept, settling again in %.1f s",
+                full_channel, message.id, held.settle_attempts, type(exc).__name__, str(exc).splitlines()[0][:200],
+                delay, extra={"channel": message.channel, "message_id": message.id},
+            )  # fmt: skip
+            try:
+                self.publish(full_channel, held, delay=delay)
+            except Exception as publish_error:
+                raise Reject(publish_error, requeue=True) from publish_error  # the broker keeps this copy
+
+    def _gave_up(self, message: Message, node: str) -> bool:
+        """Count a delivery after a dead worker; at ``max_deliveries`` record the message failed instead of running
+        it again. True when it was recorded. Database errors let it run (counting is best effort)."""
+        try:
+            deliveries = self._count_redelivery(message)
+        except Exception:
+            logger.warning("queue %s: could not count the redeliveries of %s", message.channel, message.id)
+            return False
+        if deliveries <= self.max_deliveries:
+            return False
+        reason = f"its worker died {deliveries - 1} times while it ran (max_deliveries {self.max_deliveries})"
+        self.manager.fail(message, f"WorkerLostError: {reason}", node)
+        return True
+
+    def _count_redelivery(self, message: Message) -> int:
+        model = redelivery_model()
+        with transaction.atomic():
+            row, created = model.objects.select_for_update().get_or_create(
+                app_name=self.manager.identity.name, message_id=message.id, retried=message.retried,
+                defaults={"deliveries": 2},
+            )  # fmt: skip
+            if not created:
+                model.objects.filter(pk=row.pk).update(deliveries=F("deliveries") + 1)
+                row.refresh_from_db()
+        return int(row.deliveries)
 
     def _idle(self, subscription: Subscription, full_channel: str) -> bool:
         try:
@@ -178,62 +267,3 @@ class CeleryQueueBackend(QueueBackend):
 def celery_queue(full_channel: str) -> Queue:
     """The durable queue of a channel, bound to a direct exchange of the same name (publisher and worker agree)."""
     return Queue(full_channel, Exchange(full_channel, type="direct"), routing_key=full_channel, durable=True)
-
-
-def backend_for(celery_app: Celery) -> CeleryQueueBackend:
-    """The backend that runs messages of ``celery_app``: its own, else the process-wide app's event queue."""
-    backend = getattr(celery_app, "nocluster_backend", None)
-    if backend is None:
-        from nocluster import app
-
-        backend = app.event_queue.backend
-        if not isinstance(backend, CeleryQueueBackend):
-            raise RuntimeError(
-                f'a Celery worker got an event queue message but NOCLUSTER["EVENT_QUEUE"] is {type(backend).__name__}; '
-                "set BROKER_URL so every node uses the celery backend"
-            )
-    return backend
-
-
-def deliver(task: Task, data: dict[str, Any]) -> None:
-    """The one Celery task: run the event queue message ``data`` (JSON) in this pool process."""
-    backend_for(task.app).run(task, Message.from_wire(data))
-
-
-def on_task_failure(
-    sender: Any = None, task_id: str = "", exception: BaseException | None = None, **kwargs: Any
-) -> None:
-    """In the worker's main process: a try that never came back (hard time limit, pool process lost for good).
-
-    The pool process could not settle it, so this does: retry with backoff, or record it as failed.
-    """
-    if getattr(sender, "name", None) != TASK_NAME or not isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
-        return
-    if task_id in _settled:
-        return  # Celery reports a hard time limit twice (on_timeout, then the job's error callback).
-    _settled.append(task_id)
-    del _settled[:-1000]
-    args = kwargs.get("args") or ()
-    message = Message.from_wire(args[0])
-    backend = backend_for(sender.app)
-    reason = "stopped after the grace period" if isinstance(exception, TimeLimitExceeded) else "its process was lost"
-    node = f"{os.getpid()}@{socket.gethostname()}"
-    backend.manager.fail_or_retry(message, f"{type(exception).__name__}: {exception} ({reason})", node)
-
-
-_settled: list[str] = []
-
-
-def register_tasks(celery_app: Celery) -> None:
-    """Register the delivery task on ``celery_app`` (called by :func:`nocluster.celery.create_app`)."""
-    celery_app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        max_retries=WORKER_LOST_RETRIES,
-        default_retry_delay=1,
-        typing=False,
-    )(deliver)
-    signals.task_failure.connect(on_task_failure, weak=False, dispatch_uid="nocluster.queue.on_task_failure")

@@ -1,0 +1,125 @@
+"""The Celery app of :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`: every setting that decides
+whether work is lost or run twice, written once.
+
+Celery's defaults lose or repeat work (notes/python-stack.md §1), so these are forced over any ``CELERY_*``
+Django setting: JSON only, no result backend, late ack, reject and retry when a pool process is lost, prefetch 1,
+publisher confirms on RabbitMQ, long-running tasks cancelled when the broker connection is lost, and on Redis a
+``visibility_timeout`` derived from the queue's limits, so a killed worker's message comes back long before
+Celery's hour and no message still running or waiting is handed out twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from django.conf import settings
+
+from nocluster.durations import seconds
+
+# Seconds added to the longest possible life of an unacked message before Redis hands it out again.
+VISIBILITY_MARGIN = 10.0
+# Unacked messages a worker may hold per pool process: one running, one waiting (a prefetched message, or a
+# retry/defer held until its countdown). Capped, so how long a message can stay unacked is bounded.
+HELD_PER_PROCESS = 2
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """The event queue's limits, in seconds (the backend's OPTIONS).
+
+    Attributes:
+      max_timeout: the longest ``publish(timeout=...)``.
+      grace: work ignoring its abort signal gets a soft time limit at timeout + grace and is killed at
+        timeout + 2 x grace.
+      retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
+      defer_delay: how soon a message left by a busy or non-idle node is offered again.
+    """
+
+    max_timeout: float = 300.0
+    grace: float = 5.0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 60.0
+    defer_delay: float = 0.5
+
+    @classmethod
+    def checked(cls, **values: object) -> QueueLimits:
+        """Build from OPTIONS, each a number of seconds (a bad one raises naming the option)."""
+        option = "CeleryQueueBackend option"
+        return cls(
+            max_timeout=seconds(values["max_timeout"], f"{option} max_timeout"),
+            grace=seconds(values["grace"], f"{option} grace"),
+            retry_backoff=seconds(values["retry_backoff"], f"{option} retry_backoff", allow_zero=True),
+            retry_backoff_max=seconds(values["retry_backoff_max"], f"{option} retry_backoff_max", allow_zero=True),
+            defer_delay=seconds(values["defer_delay"], f"{option} defer_delay", allow_zero=True),
+        )
+
+
+def visibility_timeout(limits: QueueLimits) -> float:
+    """Seconds a message may stay unacked on Redis before the broker hands it out again.
+
+    A held message waits out its retry/defer delay, then queues behind at most the other held messages of the
+    worker (``HELD_PER_PROCESS`` per pool process: at most one more run each), then runs itself; a run lasts at
+    most timeout + 2 x grace (the hard limit). So: longest delay + 3 longest runs + a margin.
+    """
+    longest_delay = max(limits.retry_backoff_max, limits.defer_delay, 1.0)
+    longest_run = limits.max_timeout + 2 * limits.grace
+    return longest_delay + 3 * longest_run + VISIBILITY_MARGIN
+
+
+def is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+
+def transport_options(broker_url: str, app_name: str, limits: QueueLimits) -> dict[str, Any]:
+    if is_redis(broker_url):
+        timeout = visibility_timeout(limits)
+        return {
+            "visibility_timeout": timeout,
+            # Look for messages of dead workers often enough that they come back about `timeout` after
+            # their delivery, not `interval x throttle` (100 s by default) later.
+            "unacked_restore_interval": max(1.0, min(10.0, timeout / 10)),
+            "unacked_restore_throttle": 1,
+            # Every key (queues, the unacked hash) under this project's name: projects sharing one Redis
+            # do not restore each other's messages with their own visibility timeouts.
+            "global_keyprefix": f"{app_name}:",
+        }
+    if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return {"confirm_publish": True}
+    return {}
+
+
+def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra: dict[str, Any]) -> Celery:
+    """A Celery app for the event queue of project ``app_name`` on ``broker_url``.
+
+    ``extra`` are more transport options (the backend's ``transport_options``), under the forced ones.
+    """
+    celery_app = Celery("nocluster", set_as_current=False)
+    celery_app.config_from_object("django.conf:settings", namespace="CELERY")
+    celery_app.conf.update(
+        broker_url=broker_url,
+        broker_transport_options={
+            **getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}),
+            **extra,
+            **transport_options(broker_url, app_name, limits),
+        },
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_retry_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Keep the project's LOGGING (NOCLUSTER_LOG_FORMAT=json works in workers too).
+        worker_hijack_root_logger=False,
+        task_default_queue=f"{app_name}.celery",
+    )
+    return celery_app

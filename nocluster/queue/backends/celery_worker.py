@@ -1,0 +1,91 @@
+"""What runs in the Celery worker for :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`: the one task,
+the queue selection when the worker starts, and the settling of tries that never came back.
+
+Each is bound to its backend (no lookup of a global application): :func:`install` registers the task on the
+backend's own Celery app and connects the signal handlers, which ignore every other Celery app of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task, signals
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+from nocluster.errors import MalformedMessage
+from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
+from nocluster.queue.message import Message
+
+if TYPE_CHECKING:
+    from nocluster.queue.backends.celery import CeleryQueueBackend
+
+logger = logging.getLogger("nocluster.queue.celery")
+
+TASK_NAME = "nocluster.queue.deliver"
+# How often Celery runs a message again whose pool process was lost (SIGKILL, OOM) before it is recorded failed.
+WORKER_LOST_RETRIES = 3
+
+
+def install(backend: CeleryQueueBackend, celery_app: Celery) -> None:
+    """Register the delivery task of ``backend`` on ``celery_app`` and connect its worker signal handlers."""
+
+    def deliver(task: Task, data: dict[str, Any]) -> None:
+        try:
+            message = Message.from_wire(data)
+        except MalformedMessage as exc:
+            logger.error("queue: dropped a malformed message (task %s): %s", task.request.id, exc)
+            return
+        backend.run(task, message)
+
+    # shared=False: a shared task would be added to every Celery app of the process, each calling the first
+    # backend's function.
+    celery_app.task(
+        name=TASK_NAME, bind=True, shared=False, ignore_result=True, max_retries=WORKER_LOST_RETRIES,
+        default_retry_delay=1, typing=False,
+    )(deliver)  # fmt: skip
+    uid = f"nocluster.queue.{id(backend)}"
+    signals.celeryd_after_setup.connect(_consume(backend, celery_app), weak=False, dispatch_uid=f"{uid}.consume")
+    signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
+
+
+def _consume(backend: CeleryQueueBackend, celery_app: Celery) -> Any:
+    def consume_subscribed_channels(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+        """Worker main process, once Django and the plugins are loaded: consume every subscribed channel."""
+        if instance is None or instance.app is not celery_app:
+            return
+        queues = backend.queues()
+        for queue in queues:
+            celery_app.amqp.queues.select_add(queue)
+        # Celery fetches countdown (ETA) messages beyond the prefetch window; cap what the worker holds so the
+        # visibility timeout covers every held message (read by the consumer when it starts, after this).
+        celery_app.conf.worker_eta_task_limit = HELD_PER_PROCESS * int(instance.concurrency or 1)
+        logger.info("worker %s consumes event queue channels: %s", sender, ", ".join(q.name for q in queues) or "-")
+
+    return consume_subscribed_channels
+
+
+def _settle_lost(backend: CeleryQueueBackend, celery_app: Celery) -> Any:
+    settled: list[str] = []
+
+    def on_task_failure(
+        sender: Any = None, task_id: str = "", exception: BaseException | None = None, **kwargs: Any
+    ) -> None:
+        """In the worker's main process: a try that never came back (hard time limit, pool process lost for
+        good). The pool process could not settle it, so this does: retry with backoff, or a failed record."""
+        if getattr(sender, "app", None) is not celery_app or getattr(sender, "name", None) != TASK_NAME:
+            return
+        if not isinstance(exception, (TimeLimitExceeded, WorkerLostError)) or task_id in settled:
+            return  # Celery reports a hard time limit twice (on_timeout, then the job's error callback).
+        settled.append(task_id)
+        del settled[:-1000]
+        args: Any = kwargs.get("args") or ()
+        message = Message.from_wire(args[0])
+        lost = isinstance(exception, WorkerLostError)
+        reason = "its process was lost" if lost else "stopped after the grace period"
+        node = f"{os.getpid()}@{socket.gethostname()}"
+        backend.manager.fail_or_retry(message, f"{type(exception).__name__}: {exception} ({reason})", node)
+
+    return on_task_failure
