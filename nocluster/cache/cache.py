@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -18,7 +18,10 @@ from nocluster.cache.stores import delete_prefix
 from nocluster.durations import seconds
 from nocluster.envelope import JSON, ensure_json
 from nocluster.errors import LockAcquireError, LockNotOwned
-from nocluster.locks import Lock, LockManager
+
+if TYPE_CHECKING:
+    from nocluster.locks import Lock, LockManager
+
 
 T = TypeVar("T")
 logger = logging.getLogger("nocluster.cache")

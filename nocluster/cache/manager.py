@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import TYPE_CHECKING
 
 from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
@@ -12,7 +13,10 @@ from nocluster.cache.cache import Cache
 from nocluster.durations import optional_seconds
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
-from nocluster.locks import LockManager
+
+if TYPE_CHECKING:
+    from nocluster.locks import LockManager
+
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 

@@ -27,30 +27,11 @@ from nocluster.lifecycle import Component
 from nocluster.pubsub import markers
 from nocluster.pubsub.backend import PubSubBackend
 from nocluster.pubsub.debounce import Debouncer
+from nocluster.recent import RECENT_IDS, RecentIds
 
 logger = logging.getLogger("nocluster.pubsub")
 
 Callback = Callable[[Any], Any]
-
-# How many message ids each instance remembers to drop redeliveries.
-RECENT_IDS = 10_000
-
-
-class RecentIds:
-    """The last ``size`` message ids seen (called from the one consumer thread)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._ids: dict[str, None] = {}
-
-    def seen(self, message_id: str) -> bool:
-        """True if ``message_id`` was seen already; else remember it."""
-        if message_id in self._ids:
-            return True
-        self._ids[message_id] = None
-        if len(self._ids) > self.size:
-            del self._ids[next(iter(self._ids))]
-        return False
 
 
 @dataclass

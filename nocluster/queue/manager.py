@@ -19,7 +19,6 @@ from nocluster.envelope import ensure_json, validate_channel
 from nocluster.errors import NoclusterError, PublishError, QueueStopped, UnknownChannel
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
-from nocluster.outbox import Outbox
 from nocluster.queue import failures
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.ledger import DedupeLedger
@@ -29,6 +28,7 @@ from nocluster.queue.signal import CANCELLED, AbortSignal
 
 if TYPE_CHECKING:
     from nocluster.models import FailedMessage, OutboxMessage
+    from nocluster.outbox import Outbox
 
 logger = logging.getLogger("nocluster.queue")
 

@@ -40,13 +40,14 @@ from nocluster.envelope import (
 from nocluster.errors import MalformedMessage
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
-from nocluster.outbox import Outbox
-from nocluster.pubsub.debounce import Debouncer
-from nocluster.pubsub.manager import RECENT_IDS, PubSubManager, RecentIds
+from nocluster.recent import RECENT_IDS, RecentIds
 from nocluster.sync.sequence import GapDetector, SequenceCounter, resync_marker
 
 if TYPE_CHECKING:
     from nocluster.models import OutboxMessage
+    from nocluster.outbox import Outbox
+    from nocluster.pubsub.debounce import Debouncer
+    from nocluster.pubsub.manager import PubSubManager
 
 logger = logging.getLogger("nocluster.sync")
 
