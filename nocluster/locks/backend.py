@@ -45,6 +45,8 @@ class LockInfo:
       instance_id: the ``app.instance_id`` of the holder.
       token: the holder's fencing token (None if the record is not one of ours).
       time_left: seconds until the ttl releases the lock (None: it never expires).
+      waiting: how many callers are waiting for it (on Redis: queued waiters; one that died is counted until its
+        place in the queue expires, a few seconds).
     """
 
     key: str
@@ -52,6 +54,7 @@ class LockInfo:
     instance_id: str
     token: int | None
     time_left: float | None
+    waiting: int = 0
 
 
 class LockBackend(ABC):

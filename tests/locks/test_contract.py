@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,10 @@ from nocluster.locks import LockManager
 from tests.helpers import wait_until
 from tests.locks.conftest import delete_lock_keys
 
-WINDOW = 0.2  # seconds a broken lock would have to let a second holder in
+
+def wait_for_a_waiter(locks: LockManager, key: str = "test") -> None:
+    """Until someone is blocked waiting for ``key`` (a broken lock would have let it in instead)."""
+    wait_until(lambda: (info := locks.get_lock(key)) is not None and info.waiting >= 1, message="a blocked waiter")
 
 
 @pytest.fixture
@@ -36,7 +40,7 @@ def test_acquire_blocks_until_the_holder_releases(locks: LockManager, pool: Thre
 
     def release_later() -> None:
         waiting.wait(10)
-        time.sleep(WINDOW)
+        wait_for_a_waiter(locks)
         order.append(2)
         first.release()
 
@@ -81,7 +85,7 @@ def test_run_exclusive_runs_one_at_a_time_in_order(locks: LockManager, pool: Thr
     def first() -> str:
         order.append("first:start")
         second_started.wait(10)
-        time.sleep(WINDOW)
+        wait_for_a_waiter(locks)
         order.append("first:end")
         return "first"
 
@@ -162,7 +166,7 @@ def test_two_racing_try_acquire_calls_give_exactly_one_winner(locks: LockManager
 
 def test_try_acquire_with_a_timeout_waits_for_the_release(locks: LockManager, pool: ThreadPoolExecutor) -> None:
     held = locks.acquire("test", ttl=10)
-    releaser = pool.submit(lambda: (time.sleep(WINDOW), held.release()))
+    releaser = pool.submit(lambda: (wait_for_a_waiter(locks), held.release()))
     lock = locks.try_acquire("test", ttl=10, timeout=30)
     releaser.result(10)
     lock.release()
@@ -280,10 +284,18 @@ def test_inspection_lists_shows_and_force_releases(lock_app: Application, locks:
 
 def test_auto_renewal_keeps_the_lock_past_its_ttl(locks: LockManager) -> None:
     # Given a lock with a 0.6 s ttl and auto-renewal (every 0.2 s)
+    renewals: list[float] = []
+    extend = locks.backend.extend
+
+    def counted_extend(lease: Any, ttl: float) -> bool:  # the real backend's extend, counted
+        renewals.append(ttl)
+        return extend(lease, ttl)
+
+    locks.backend.extend = counted_extend  # type: ignore[method-assign]
     lock = locks.acquire("test", ttl=0.6, auto_renew=True)
     renewer = next(t for t in threading.enumerate() if t.name == f"lock-renewal:{lock.key}")
-    # When the work lasts several ttls
-    time.sleep(1.5)
+    # When the work lasts several ttls: five renewals of 0.6 s, about 1 s
+    wait_until(lambda: len(renewals) >= 5, timeout=10, message="five renewals")
     # Then it is still held, and the release stops and joins the renewal thread
     with pytest.raises(LockAcquireError):
         locks.try_acquire("test")

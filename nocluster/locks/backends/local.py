@@ -34,6 +34,7 @@ class LocalLockBackend(LockBackend):
         self._cond = threading.Condition()
         self._holds: dict[str, _Hold] = {}
         self._tokens: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
 
     def _live(self, name: str, now: float) -> _Hold | None:
         hold = self._holds.get(name)
@@ -60,7 +61,13 @@ class LocalLockBackend(LockBackend):
                     if deadline <= now:
                         return None
                     wait = min(wait, deadline - now)
-                self._cond.wait(wait)
+                self._waiting[name] = self._waiting.get(name, 0) + 1
+                try:
+                    self._cond.wait(wait)
+                finally:
+                    self._waiting[name] -= 1
+                    if not self._waiting[name]:
+                        del self._waiting[name]
 
     def release(self, lease: Lease) -> bool:
         with self._cond:
@@ -81,7 +88,8 @@ class LocalLockBackend(LockBackend):
             return True
 
     def _info(self, name: str, hold: _Hold, now: float) -> LockInfo:
-        return LockInfo(name, name, hold.instance_id, hold.token, max(0.0, hold.expires_at - now))
+        left = max(0.0, hold.expires_at - now)
+        return LockInfo(name, name, hold.instance_id, hold.token, left, self._waiting.get(name, 0))
 
     def inspect(self, name: str) -> LockInfo | None:
         with self._cond:
@@ -112,3 +120,4 @@ class LocalLockBackend(LockBackend):
         # A forked child holds none of its parent's locks, and the parent's threads do not exist in it.
         self._cond = threading.Condition()
         self._holds = {}
+        self._waiting = {}

@@ -156,14 +156,14 @@ class Acquisition:
                 self.release()
 
 
-def _parse(name: str, value: object, pttl: object) -> LockInfo | None:
+def _parse(name: str, value: object, pttl: object, waiting: object = 0) -> LockInfo | None:
     if not isinstance(value, (bytes, str)) or not isinstance(pttl, int) or pttl == -2:
         return None
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     parts = text.rsplit(":", 2)
     token = int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else None
     instance_id = parts[0] if token is not None else text
-    return LockInfo(name, name, instance_id, token, from_ms(pttl))
+    return LockInfo(name, name, instance_id, token, from_ms(pttl), waiting if isinstance(waiting, int) else 0)
 
 
 class RedisLockBackend(LockBackend):
@@ -236,8 +236,9 @@ class RedisLockBackend(LockBackend):
             pipe = self._client.pipeline(transaction=False)
             pipe.get(name)
             pipe.pttl(name)
-            value, pttl = pipe.execute(raise_on_error=False)
-        return _parse(name, value, pttl)
+            pipe.llen(f"lock-queue:{name}")
+            value, pttl, waiting = pipe.execute(raise_on_error=False)
+        return _parse(name, value, pttl, waiting)
 
     def scan(self, prefix: str, pattern: str = "*") -> list[LockInfo]:
         with self._errors(prefix + pattern):
@@ -247,8 +248,9 @@ class RedisLockBackend(LockBackend):
             for name in names:
                 pipe.get(name)
                 pipe.pttl(name)
+                pipe.llen(f"lock-queue:{name}")
             results = pipe.execute(raise_on_error=False) if names else []
-        found = (_parse(name, results[2 * i], results[2 * i + 1]) for i, name in enumerate(names))
+        found = (_parse(name, *results[3 * i : 3 * i + 3]) for i, name in enumerate(names))
         return [info for info in found if info is not None]
 
     def force_release(self, name: str, token: int | None = None) -> bool:

@@ -20,10 +20,10 @@ def _left(info: LockInfo) -> str:
 class Command(BaseCommand):
     help = (
         "Inspect the locks of this app (NOCLUSTER NAME) in the configured lock backend: 'list [PATTERN]' lists held "
-        "locks (key, holder instance id, fencing token, seconds left), 'show KEY' shows one, 'release KEY --force' "
-        "frees one whoever holds it. Keys are given without the '<app name>:lock:' prefix. On the local backend "
-        "only this command's own process is seen, so use it with the Redis backend. Exit status: 0 on success, "
-        "1 with a one-line error otherwise."
+        "locks (key, holder instance id, fencing token, waiters, seconds left), 'show KEY' shows one, "
+        "'release KEY --force' frees one whoever holds it. Keys are given without the '<app name>:lock:' prefix. "
+        "On the local backend only this command's own process is seen, so use it with the Redis backend. "
+        "Exit status: 0 on success, 1 with a one-line error otherwise."
     )
     requires_system_checks: list[str] = []
 
@@ -64,9 +64,11 @@ class Command(BaseCommand):
             self.stdout.write(f"no locks of {app.name!r} match {pattern!r}")
             return
         width = max(len("KEY"), *(len(info.key) for info in found))
-        self.stdout.write(f"{'KEY':<{width}}  {'INSTANCE':<32}  {'TOKEN':>8}  TIME LEFT (s)")
+        self.stdout.write(f"{'KEY':<{width}}  {'INSTANCE':<32}  {'TOKEN':>8}  {'WAITING':>7}  TIME LEFT (s)")
         for info in found:
-            self.stdout.write(f"{info.key:<{width}}  {info.instance_id:<32}  {info.token!s:>8}  {_left(info)}")
+            self.stdout.write(
+                f"{info.key:<{width}}  {info.instance_id:<32}  {info.token!s:>8}  {info.waiting:>7}  {_left(info)}"
+            )
 
     def show(self, key: str, as_json: bool) -> None:
         info = app.lock_manager.get_lock(key)
@@ -81,6 +83,7 @@ class Command(BaseCommand):
             ("instance", info.instance_id),
             ("token", info.token),
             ("time left (s)", _left(info)),
+            ("waiting", info.waiting),
         ):
             self.stdout.write(f"{label + ':':<15}{value}")
 
