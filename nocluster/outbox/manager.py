@@ -53,7 +53,7 @@ class OutboxSettings:
     """``NOCLUSTER["OUTBOX"]``: seconds, and rows per relay batch."""
 
     interval: float = 1.0
-    backoff_max: float = 30.0
+    backoff_max: float = 5.0
     batch: int = 100
     databases: tuple[str, ...] = (DEFAULT_DB_ALIAS,)
 

@@ -11,6 +11,9 @@ Commands (JSON over stdin, see ``tests/node.py``):
   reconnects                                            how many times this node's pub/sub reconnected
   ds {method, args, kwargs}                             call a data_source_main plugin method
   ds_state                                              {"registry": ..., "database": ...}
+  ds_with_callback {method, args, kwargs, key}          the ``ds`` call inside one transaction that also
+                                                        registers an on_commit callback recording under ``key``
+  outbox                                                this node's outbox backlog
 and everything ``tests.node.default_handler`` understands (``ping``, ``eval``).
 """
 
@@ -87,6 +90,16 @@ def handle(command: dict[str, Any]) -> Any:
     if cmd == "ds":
         plugin = app.plugins["data_source_main"]
         return getattr(plugin, command["method"])(*command.get("args", []), **command.get("kwargs", {}))
+    if cmd == "ds_with_callback":
+        from django.db import transaction
+
+        plugin = app.plugins["data_source_main"]
+        with transaction.atomic():
+            getattr(plugin, command["method"])(*command.get("args", []), **command.get("kwargs", {}))
+            transaction.on_commit(lambda: _recorder(command["key"])("callback ran"))
+        return True
+    if cmd == "outbox":
+        return app.outbox.backlog()
     if cmd == "ds_state":
         plugin = app.plugins["data_source_main"]
         return {"registry": plugin.registry.snapshot(), "database": plugin.database_schema()}
