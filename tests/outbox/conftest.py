@@ -1,4 +1,4 @@
-"""Fixtures of the queue tests, for the outbox's broker tests."""
+"""Fixtures of the queue tests, for the outbox's tests with real workers."""
 
 from tests.queue.conftest import worker_database_url
 
