@@ -228,12 +228,21 @@ class Outbox(Component):
         self._stopping = threading.Event()
 
     def _run(self) -> None:
+        failing = False
         while not self._stopping.is_set():
             try:
                 for alias in sorted(self._databases):
                     self.flush(alias)
-            except Exception:
-                logger.exception("outbox relay failed; retrying in %s s", self.settings.interval)
+                if failing:
+                    logger.warning("outbox relay works again")
+                failing = False
+            except Exception as exc:
+                # The whole traceback once; while the database stays unreachable, one line per attempt.
+                if not failing:
+                    logger.exception("outbox relay failed; retrying every %s s", self.settings.interval)
+                else:
+                    logger.warning("outbox relay still failing: %s: %s", type(exc).__name__, str(exc).splitlines()[0])
+                failing = True
             finally:
                 close_old_connections()
             self._wake.wait(self.settings.interval)

@@ -57,10 +57,12 @@ def record(app_name: str, message: Message, error: str, node: str) -> None:
             reason = f"\n(payload stored escaped: the database refused it as given: {type(refused).__name__})"
             fields["error"] = (fields["error"] + _storable(reason))[:20000]
             _create(fields)
-    except Exception:
-        logger.exception(
-            "could not record failed message %s of %s.%s; message: %s",
-            message.id, app_name, message.channel, json.dumps(message.to_wire(), ensure_ascii=True),
+    except Exception as exc:
+        # One line (the caller decides what happens next and logs it): the whole message, so it is never lost.
+        logger.error(
+            "could not record failed message %s of %s.%s (%s: %s); message: %s",
+            message.id, app_name, message.channel, type(exc).__name__, str(exc).splitlines()[0][:200],
+            json.dumps(message.to_wire(), ensure_ascii=True),
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         raise

@@ -226,9 +226,11 @@ class EventQueue(Component):
 
     def fail(self, message: Message, error: str, node: str) -> None:
         """Record ``message`` as failed with ``error`` (no retry); raise if the record cannot be written."""
+        # The whole error the first time; its first line when settling again after the record could not be written.
+        shown = error if not message.settle_attempts else error.splitlines()[0] if error else ""
         logger.error(
             "%s.%s %s failed on %s after %d tries: %s",
-            self.identity.name, message.channel, message.id, node, message.retried + 1, error,
+            self.identity.name, message.channel, message.id, node, message.retried + 1, shown,
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         failures.record(self.identity.name, message, error, node)
