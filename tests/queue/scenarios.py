@@ -108,9 +108,14 @@ def register(app: Application) -> None:
         record("deaf-end", context)
 
     def poison(payload: Any, context: Context) -> None:
-        # Kills its own process, every time (an OOM kill, a segfault).
+        # Ends its own process, every time (an OOM kill, a segfault, a C extension calling exit()).
         record("poison", context)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(70)
+
+    def kill_worker(payload: Any, context: Context) -> None:
+        # Kills its whole worker, main process and pool (each test worker is a process group of its own).
+        record("kill-worker", context)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
     def slow(payload: Any, context: Context) -> None:
         started = time.time()
@@ -138,6 +143,7 @@ def register(app: Application) -> None:
     queue.subscribe("stubborn", stubborn, concurrency=2)
     queue.subscribe("deaf", deaf, concurrency=2)
     queue.subscribe("poison", poison)
+    queue.subscribe("kill-worker", kill_worker)
     queue.subscribe("slow", slow, concurrency=2)
     queue.subscribe("gated", gated, concurrency=2, idle=gate)
     queue.subscribe("long", long, concurrency=3)

@@ -7,6 +7,7 @@ last in the module and replaces the worker it killed. What every backend does is
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -14,10 +15,10 @@ import time
 import pytest
 
 from nocluster.models import FailedMessage
-from nocluster.queue.backends.celery import WORKER_LOST_RETRIES
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster
 from tests.queue.scenarios import of
+from tests.queue.workers import Worker
 
 pytestmark = pytest.mark.cluster
 
@@ -75,15 +76,47 @@ def test_a_killed_pool_process_s_message_is_run_again(cluster: Cluster, transact
     assert not FailedMessage.objects.filter(message_id=message_id).exists()
 
 
-def test_a_message_that_keeps_killing_its_process_is_recorded_failed(cluster: Cluster, transactional_db: None) -> None:
-    # Given work that kills its own pool process every time
+def test_a_message_that_keeps_ending_its_process_is_recorded_failed(cluster: Cluster, transactional_db: None) -> None:
+    # Given work that ends its own pool process (os._exit) every time
     message_id = cluster.app.event_queue.publish("poison", None, timeout=10)
+    echo = cluster.app.event_queue.publish("echo", "meanwhile", timeout=5)
 
-    # Then it is run again a bounded number of times (1 + WORKER_LOST_RETRIES), then recorded failed, not looped
+    # Then it runs max_deliveries (5) times in all, then is recorded failed, not looped; the worker goes on
     record = failed_record(message_id, timeout=60)
     assert "WorkerLostError" in record.error
     cluster.drain()
-    assert len(of(cluster.events("poison"), message_id)) == 1 + WORKER_LOST_RETRIES
+    assert len(of(cluster.events("poison"), message_id)) == cluster.app.event_queue.backend.max_deliveries == 5  # type: ignore[attr-defined]
+    assert of(cluster.events("echo"), echo)
+
+
+def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
+    amqp_cluster: Cluster, transactional_db: None
+) -> None:
+    cluster = amqp_cluster  # Redis hands a dead worker's message out again only after the visibility timeout
+    # Given work that kills its whole worker (main process and pool) every time, on a supervised cluster
+    message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=10)
+
+    # When every worker it kills is started again (as systemd would; it may die again before it says ready)
+    restarts = itertools.count(1)
+
+    def recorded_or_restart() -> bool:
+        for index, worker in enumerate(cluster.workers):
+            if not worker.alive:
+                worker.stop()
+                cluster.workers[index] = Worker(
+                    f"k{next(restarts)}-{cluster.name}", cluster.env, include=cluster.include
+                )
+        return FailedMessage.objects.filter(message_id=message_id).exists()
+
+    wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+
+    # Then it killed its worker max_deliveries (5) times, was recorded failed with that reason, and ran no more
+    record = FailedMessage.objects.get(message_id=message_id)
+    assert "its worker died 5 times" in record.error
+    for worker in cluster.workers:
+        worker.wait_ready()
+    cluster.drain()
+    assert len(of(cluster.events("kill-worker"), message_id)) == 5
 
 
 def test_a_killed_worker_s_message_completes_on_another_worker(cluster: Cluster) -> None:

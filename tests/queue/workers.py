@@ -54,6 +54,10 @@ class Worker:
             )
 
     @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
     def pid(self) -> int:
         return self.proc.pid
 

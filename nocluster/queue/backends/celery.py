@@ -11,10 +11,10 @@ subscribed channel. Messages stay ordinary Celery messages (JSON, one positional
 - concurrency: a per-node file-lock semaphore (:mod:`nocluster.queue.slots`); a node whose slots are full, or
   whose ``idle()`` says False, publishes the message again after ``defer_delay`` seconds and acks this copy,
   without counting a retry.
-- a pool process killed mid-task: Celery retries the message (``task_retry_on_worker_lost``) up to
-  ``WORKER_LOST_RETRIES`` times, then it is recorded as failed. A whole worker killed: the broker delivers it
-  again (RabbitMQ at once, Redis after the visibility timeout); a message delivered again ``max_deliveries``
-  times after its worker died is recorded as failed instead of run once more (no poison loop).
+- a pool process killed mid-task (SIGKILL, OOM, ``os._exit``): Celery runs the message again
+  (``task_retry_on_worker_lost``), ``max_deliveries`` times in all, then it is recorded as failed. A whole worker
+  killed: the broker delivers it again (RabbitMQ at once, Redis after the visibility timeout); a message whose
+  worker died ``max_deliveries`` times is recorded as failed instead of run once more. No poison loop either way.
 - a try whose failed record cannot be written (the database is down) is kept: the message goes back to the
   broker with a growing delay (up to ``retry_backoff_max``) and only its settling is tried again.
 """
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = celery_worker.TASK_NAME
-WORKER_LOST_RETRIES = celery_worker.WORKER_LOST_RETRIES
 
 
 def redelivery_model() -> type[Redelivery]:

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = "nocluster.queue.deliver"
-# How often Celery runs a message again whose pool process was lost (SIGKILL, OOM) before it is recorded failed.
-WORKER_LOST_RETRIES = 3
 
 
 def install(backend: CeleryQueueBackend, celery_app: Celery) -> None:
@@ -41,9 +39,10 @@ def install(backend: CeleryQueueBackend, celery_app: Celery) -> None:
         backend.run(task, message)
 
     # shared=False: a shared task would be added to every Celery app of the process, each calling the first
-    # backend's function.
+    # backend's function. max_retries: how often Celery runs a message again whose pool process was lost
+    # (SIGKILL, OOM, os._exit) before it is recorded failed, so it runs max_deliveries times in all.
     celery_app.task(
-        name=TASK_NAME, bind=True, shared=False, ignore_result=True, max_retries=WORKER_LOST_RETRIES,
+        name=TASK_NAME, bind=True, shared=False, ignore_result=True, max_retries=backend.max_deliveries - 1,
         default_retry_delay=1, typing=False,
     )(deliver)  # fmt: skip
     uid = f"nocluster.queue.{id(backend)}"
