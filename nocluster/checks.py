@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-from django.core.checks import Error, register
+from django.core.checks import Error, Warning
 from django.utils.module_loading import import_string
 
 from nocluster.conf import get_config
 
+if TYPE_CHECKING:
+    from nocluster.queue import EventQueue
+
 SECTIONS = ("PUBSUB", "EVENT_QUEUE", "LOCKS")
 
 
-@register()
 def check_nocluster_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     config = get_config()
     errors: list[Error] = []
@@ -33,3 +37,18 @@ def check_nocluster_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
         except ImportError as exc:
             errors.append(Error(f'NOCLUSTER["{section}"]["BACKEND"] cannot be imported: {exc}', id="nocluster.E003"))
     return errors
+
+
+@lru_cache(maxsize=8)
+def durability_check(queue: EventQueue) -> Callable[..., list[Warning]]:
+    """The ``check --deploy`` check of ``queue``: a broker configuration that could lose queued messages (it asks
+    the broker; registered by the app config once the application is built)."""
+
+    def check_event_queue_durability(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+        try:
+            found = queue.backend.durability_warnings()
+        except Exception as exc:
+            found = [f"the event queue's broker could not be asked: {type(exc).__name__}: {exc}"]
+        return [Warning(text, id="nocluster.W001") for text in found]
+
+    return check_event_queue_durability

@@ -9,16 +9,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +29,46 @@ from nocluster.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "NodeProcess", "free_port", "start_nodes", "stop_nodes", "wait_until"]
+__all__ = ["ROOT", "NodeProcess", "free_port", "private_redis", "start_nodes", "stop_nodes", "wait_until"]
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (for a private server or a server that must be down)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis(*options: str) -> Iterator[str]:
+    """A throwaway redis-server on a free port (``options`` are redis-server flags); yields its URL.
+
+    For fault and configuration tests that must not touch the shared server. Its files live in a temporary folder
+    removed afterwards.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise AssertionError("redis-server is not installed (it is needed to run a private Redis for this test)")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="nocluster-redis-")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir, *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout=10, message="the private redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class NodeProcess:

@@ -113,6 +113,11 @@ class QueueBackend(ABC):
     def ping(self) -> None:  # noqa: B027 (in-process backends have no server to reach)
         """Raise if this backend's server cannot be reached (for ``manage.py cluster``)."""
 
+    def durability_warnings(self) -> list[str]:
+        """What in the server's configuration could lose queued messages (for ``manage.py cluster`` and
+        ``check --deploy``); empty when nothing is known to."""
+        return []
+
     def retry_delay(self, retried: int) -> float:
         """Seconds to wait before the try after try number ``retried`` (0 = the first try) failed."""
         return float(min(self.retry_backoff * (2**retried), self.retry_backoff_max))

@@ -9,16 +9,12 @@ keeps a wide margin; the shared server's configuration is never touched.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import NodeProcess, free_port, start_nodes, stop_nodes, wait_until
+from tests.helpers import NodeProcess, private_redis, start_nodes, stop_nodes, wait_until
 from tests.pubsub.test_nodes import SCENARIO, field_names, in_sync, received, wait_everywhere
 
 MESSAGES = 10_000
@@ -26,47 +22,15 @@ SIZE = 4096
 
 
 @pytest.fixture
-def private_redis() -> Iterator[str]:
+def stalling_redis() -> Iterator[str]:
     """A throwaway redis-server that drops a pub/sub client once 8 MiB are queued for it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (it is needed to run a private Redis for this test)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="nocluster-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", workdir,
-            "--client-output-buffer-limit", "pubsub 8mb 0 0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    try:
-        wait_until(answers, timeout=10, message="the private redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with private_redis("--appendonly", "no", "--client-output-buffer-limit", "pubsub 8mb 0 0") as url:
+        yield url
 
 
 @pytest.fixture
-def nodes(node_env: dict[str, str], private_redis: str) -> Iterator[list[NodeProcess]]:
-    started = start_nodes(3, {**node_env, "PUBSUB_URL": private_redis}, scenario=SCENARIO)
+def nodes(node_env: dict[str, str], stalling_redis: str) -> Iterator[list[NodeProcess]]:
+    started = start_nodes(3, {**node_env, "PUBSUB_URL": stalling_redis}, scenario=SCENARIO)
     try:
         yield started
     finally:

@@ -7,6 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from nocluster import Application
 from nocluster.queue.backends.celery_app import QueueLimits, visibility_timeout
+from tests.helpers import private_redis
 from tests.queue.conftest import CELERY_BACKEND
 from tests.queue.workers import LIMIT_OPTIONS
 
@@ -65,3 +66,31 @@ def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:
 def test_bad_options_are_refused_naming_the_option(redis_url: str, options: dict[str, object], match: str) -> None:
     with pytest.raises((ImproperlyConfigured, TypeError, ValueError), match=match):
         celery_app(redis_url, **options)
+
+
+def test_a_redis_broker_without_persistence_is_reported(redis_url: str) -> None:
+    # The shared test Redis keeps nothing on disk (appendonly no), as a default redis-server does
+    backend = Application(
+        {"NAME": "cfg", "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": {"broker_url": redis_url}}}
+    ).event_queue.backend
+    assert any("appendonly yes" in warning for warning in backend.durability_warnings())
+
+
+def test_a_redis_broker_with_persistence_and_no_eviction_is_not_reported() -> None:
+    with private_redis("--appendonly", "yes", "--maxmemory-policy", "noeviction") as url:
+        backend = Application(
+            {"NAME": "cfg", "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": {"broker_url": url}}}
+        ).event_queue.backend
+        assert backend.durability_warnings() == []
+        with private_redis("--appendonly", "yes", "--maxmemory-policy", "allkeys-lru") as evicting:
+            other = Application(
+                {"NAME": "cfg", "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": {"broker_url": evicting}}}
+            ).event_queue.backend
+            assert [w for w in other.durability_warnings() if "maxmemory-policy allkeys-lru" in w]
+
+
+def test_rabbitmq_durable_queues_are_not_reported(amqp_url: str) -> None:
+    backend = Application(
+        {"NAME": "cfg", "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": {"broker_url": amqp_url}}}
+    ).event_queue.backend
+    assert backend.durability_warnings() == []

@@ -34,6 +34,13 @@ def backends() -> dict[str, dict[str, Any]]:
     }
 
 
+def durability() -> list[str]:
+    try:
+        return app.event_queue.backend.durability_warnings()
+    except Exception as exc:
+        return [f"the event queue's broker configuration could not be read: {type(exc).__name__}: {exc}"]
+
+
 def queue_depths() -> dict[str, Any]:
     try:
         return {"depths": app.event_queue.depths(), "error": None}
@@ -82,11 +89,14 @@ class Command(BaseCommand):
             "queues": queue_depths(),
             "failed_messages": failed_messages(),
             "outbox": outbox(),
+            "warnings": durability(),
         }
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2, default=str))
         else:
             self.print_report(report)
+        for warning in report["warnings"]:
+            self.stderr.write(f"warning: {warning}")
         down = [name for name, entry in report["backends"].items() if not entry["reachable"]]
         if options["check"] and down:
             raise CommandError(f"unreachable: {', '.join(down)}")

@@ -172,6 +172,27 @@ class CeleryQueueBackend(QueueBackend):
         with self.celery_app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=5)
 
+    def durability_warnings(self) -> list[str]:
+        """On Redis: persistence off (``appendonly no``) loses the whole backlog on a crash or restart, and an
+        eviction policy other than ``noeviction`` may drop queue and binding keys. RabbitMQ queues are durable."""
+        if not is_redis(self.broker_url):
+            return []
+        with self.celery_app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            config = {**client.config_get("appendonly"), **client.config_get("maxmemory-policy")}
+        warnings = []
+        if config.get("appendonly") != "yes":
+            warnings.append(
+                "the event queue's Redis keeps nothing on disk (appendonly no): a Redis crash or restart loses every "
+                "queued message; set appendonly yes"
+            )
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            warnings.append(
+                f"the event queue's Redis evicts keys (maxmemory-policy {config['maxmemory-policy']}): queued messages "
+                "can be dropped; set maxmemory-policy noeviction"
+            )
+        return warnings
+
     def queues(self) -> list[Queue]:
         """The Celery queues of the subscribed channels (what a worker consumes)."""
         return [celery_queue(self.manager.full_channel(channel)) for channel in self.manager.channels()]
