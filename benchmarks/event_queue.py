@@ -107,7 +107,7 @@ def child_env(name: str, broker_url: str) -> dict[str, str]:
     }
 
 
-def start_worker(name: str, broker_url: str) -> subprocess.Popen[bytes]:
+def start_worker(name: str, broker_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = Path(tempfile.gettempdir()) / f"nocluster-bench-{name}.log"
     command = [
         sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker", "-P", "prefork", "-c", "2",
@@ -116,7 +116,7 @@ def start_worker(name: str, broker_url: str) -> subprocess.Popen[bytes]:
     ]  # fmt: skip
     with log.open("wb") as out:
         return subprocess.Popen(
-            command, cwd=ROOT, env=child_env(name, broker_url), stdout=out, stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=env or child_env(name, broker_url), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -227,6 +227,8 @@ def main() -> int:
             print(f"\n{broker}: not reachable at {url}, skipped")
             continue
         name = f"bench{uuid.uuid4().hex[:8]}"
+        # The nodes' tables (outbox, node registry) exist, as after manage.py migrate on a real node.
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=child_env(name, url), check=True)
         worker = start_worker(name, url)
         try:
             figures = measure(name, url)

@@ -121,21 +121,20 @@ class QueuedMessage(models.Model):
         return f"{self.channel} {self.message_id}"
 
 
-class ProcessedMessage(models.Model):
-    """A relayed event queue message that ran to its end: a second copy (a relay that died between sending and
-    deleting sends it again) is dropped. Rows older than the dedupe window are removed by the relay."""
+class RelayedRun(models.Model):
+    """A relayed event queue message that started to run, and the send it came from (see
+    :mod:`nocluster.queue.ledger`): a copy from another send is dropped. Rows older than a day are removed."""
 
     app_name = models.CharField(max_length=100)
     message_id = models.CharField(max_length=64)
+    send_id = models.CharField(max_length=32)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["app_name", "message_id"], name="nocluster_processed_once"),
-        ]
+        constraints = [models.UniqueConstraint(fields=["app_name", "message_id"], name="nocluster_relayed_once")]
 
     def __str__(self) -> str:
-        return self.message_id
+        return f"{self.message_id} from send {self.send_id}"
 
 
 class Redelivery(models.Model):

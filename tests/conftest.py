@@ -76,10 +76,21 @@ def postgres(db: None) -> None:
         server_unavailable("PostgreSQL", TEST_DATABASE_URL)
 
 
+# Every app name the run gave out, so its broker queues can be deleted at the end (RabbitMQ keeps durable ones).
+USED_NAMES: set[str] = set()
+
+
+def unique_name(kind: str = "") -> str:
+    """A name no other test, run or hand-started node uses (remembered for the clean-up of queues)."""
+    name = f"t{RUN_ID}-{kind}{next(_counter)}"
+    USED_NAMES.add(name)
+    return name
+
+
 @pytest.fixture
 def app_name() -> str:
     """A name no other test, run or hand-started node uses: prefix for channels, queues, keys and locks."""
-    return f"t{RUN_ID}-{next(_counter)}"
+    return unique_name()
 
 
 @pytest.fixture
@@ -125,6 +136,30 @@ def delete_run_keys() -> Iterator[None]:
     for start in range(0, len(names), 500):
         client.delete(*names[start : start + 500])
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def delete_run_queues() -> Iterator[None]:
+    """After the run, delete the RabbitMQ queues its projects declared: every channel any of them subscribes
+    (the plugins' and the test scenarios'), and Celery's default queue. Pub/sub queues expire by themselves."""
+    yield
+    if not reachable(TEST_AMQP_URL, 5672) or not USED_NAMES:
+        return
+    from kombu import Connection
+
+    from nocluster import Application, app
+    from tests.queue import scenarios
+
+    probe = Application(
+        {"NAME": "probe", "EVENT_QUEUE": {"BACKEND": "nocluster.queue.backends.memory.MemoryQueueBackend"}}
+    )
+    scenarios.register(probe)
+    channels = {"celery", "raw", *app.event_queue.channels(), *probe.event_queue.channels()}
+    with Connection(TEST_AMQP_URL) as connection:
+        channel = connection.default_channel
+        for name in sorted(USED_NAMES):
+            for queue in channels:
+                channel.queue_delete(f"{name}.{queue}")
 
 
 @pytest.hookimpl(trylast=True)

@@ -3,14 +3,21 @@ to its broker after the commit.
 
 Ours (Django's ``transaction.on_commit`` alone loses the message when the broker is down at the commit, and a
 failing callback skips every later one): ``add()`` inserts an :class:`~nocluster.models.OutboxMessage` row on the
-caller's database alias, so the row and the caller's data commit or roll back together. After the commit a robust
-``on_commit`` callback flushes at once, in the committing thread; rows that could not be sent wait, and every
-node's relay thread (``nocluster-outbox``) sends them with backoff once the broker answers again, whichever node is
-up. A row is deleted only after its target accepted it (publisher confirms on RabbitMQ), so delivery is at least
-once: a relay killed between sending and deleting sends the row again, and the receiving side drops the copy.
+caller's database alias, so the row and the caller's data commit or roll back together. Then:
 
-Claiming: ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL), so relays of several nodes
-share the backlog without sending a row twice; elsewhere (SQLite) one relay at a time per process, and SQLite's
+- right after the commit, a robust ``on_commit`` callback sends the transaction's rows from memory, in order, in
+  the committing thread (no query): a fresh row is its committing thread's to send, no relay takes it; the rows
+  sent are deleted in batches by the node's relay thread (``nocluster-outbox``) within ``INTERVAL`` seconds, one
+  statement per batch;
+- a row that could not be sent waits with backoff (``attempts``, ``next_attempt``, ``last_error``), with the later
+  rows of its channel; any node's relay thread sends them, in order, once due and the broker answers again;
+- rows another node left behind (it died between its commit and its sends, or could not send) are taken over by
+  every other node's relay once they are ``TAKEOVER`` seconds old, so the backlog drains whichever node is up.
+
+A row is deleted only after its target accepted it (publisher confirms on RabbitMQ): delivery is at least once.
+A node that dies between sending and deleting leaves rows that another node sends again; each send carries a new
+``send_id``, and the receiving side drops a second copy. Relays claim rows with ``SELECT ... FOR UPDATE SKIP
+LOCKED`` where the database has it (PostgreSQL); elsewhere (SQLite) one relay at a time per process, and SQLite's
 write lock (``transaction_mode: IMMEDIATE`` in the settings) serialises processes.
 """
 
@@ -24,10 +31,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
 
-from nocluster.db import close_old_connections
+from nocluster.db import close_old_connections, relaxed_commit
 from nocluster.durations import count, seconds
 from nocluster.envelope import JSON
 from nocluster.identity import NodeIdentity
@@ -48,12 +55,29 @@ def outbox_model() -> type[OutboxMessage]:
     return OutboxMessage
 
 
+class _CommittedRows:
+    """The ``on_commit`` callback of one transaction: the outbox rows it wrote, sent right after its commit."""
+
+    def __init__(self, outbox: Outbox, alias: str) -> None:
+        self.outbox = outbox
+        self.alias = alias
+        self.rows: list[OutboxMessage] = []
+        # A row written inside a savepoint may have been rolled back with it: then the rows are read back from
+        # the table (in order) instead of sent from memory.
+        self.in_savepoint = False
+        self.__qualname__ = "Outbox.send_committed"  # what Django names in a robust callback's error log
+
+    def __call__(self) -> None:
+        self.outbox.send_committed(self.alias, self.rows, self.in_savepoint)
+
+
 @dataclass(frozen=True)
 class OutboxSettings:
     """``NOCLUSTER["OUTBOX"]``: seconds, and rows per relay batch."""
 
     interval: float = 1.0
     backoff_max: float = 5.0
+    takeover: float = 5.0
     batch: int = 100
     databases: tuple[str, ...] = (DEFAULT_DB_ALIAS,)
 
@@ -64,6 +88,7 @@ class OutboxSettings:
         return cls(
             interval=seconds(values.get("INTERVAL", cls.interval), f'{key}["INTERVAL"]'),
             backoff_max=seconds(values.get("BACKOFF_MAX", cls.backoff_max), f'{key}["BACKOFF_MAX"]'),
+            takeover=seconds(values.get("TAKEOVER", cls.takeover), f'{key}["TAKEOVER"]'),
             batch=count(values.get("BATCH", cls.batch), f'{key}["BATCH"]', least=1, most=10_000),
             databases=tuple(values.get("DATABASES", cls.databases)),
         )
@@ -74,7 +99,7 @@ class Outbox(Component):
 
     Parameters:
       identity: this node (its ``name`` scopes the rows; its instance id is the origin of what it adds).
-      settings: relay cadence, backoff and batch size.
+      settings: relay cadence, backoff, takeover age and batch size.
 
     Components that publish through it register a sender per ``kind`` (:meth:`register`): the event queue
     (``"queue"``) and the sync messages (``"sync"``).
@@ -85,7 +110,15 @@ class Outbox(Component):
         self.settings = settings
         self._senders: dict[str, Sender] = {}
         self._databases: set[str] = set(settings.databases)
-        self._flush_lock = threading.Lock()  # one flush at a time in this process (needed without SKIP LOCKED)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._flush_lock = threading.Lock()  # one relay at a time in this process (needed without SKIP LOCKED)
+        self._sent_lock = threading.Lock()
+        self._sent: dict[str, list[int]] = {}  # sent, not yet deleted, per database alias
+        # True while older rows may be waiting, so a commit's rows cannot simply be sent first (order); a full
+        # flush that leaves nothing behind clears it. True at start: this process has not looked yet.
+        self._backlog = True
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,71 +134,125 @@ class Outbox(Component):
         Raises whatever the database raises (the caller's transaction is then broken, as with any write).
         """
         alias = using or DEFAULT_DB_ALIAS
-        outbox_model().objects.using(alias).create(
-            app_name=self.identity.name,
-            kind=kind,
-            channel=channel,
-            message_id=message_id,
-            origin=self.identity.instance_id,
-            body=body,
+        row = (
+            outbox_model()
+            .objects.using(alias)
+            .create(
+                app_name=self.identity.name,
+                kind=kind,
+                channel=channel,
+                message_id=message_id,
+                origin=self.identity.instance_id,
+                body=body,
+            )
         )
         self._databases.add(alias)
-        self._flush_after_commit(alias)
+        committed = self._committed_rows(alias)
+        committed.rows.append(row)
+        committed.in_savepoint |= bool(connections[alias].savepoint_ids)
 
-    def _flush_after_commit(self, alias: str) -> None:
-        # One flush per transaction, not one per message: register it once (found again among the callbacks
-        # unless a rolled-back savepoint dropped it, in which case it is registered anew).
-        connection = connections[alias]
-        if not any(getattr(entry[1], "__self__", None) is self for entry in connection.run_on_commit):
-            transaction.on_commit(self._committed, using=alias, robust=True)
-
-    def _committed(self) -> None:
-        for alias in sorted(self._databases):
-            self.flush(alias)
+    def _committed_rows(self, alias: str) -> _CommittedRows:
+        # One callback per transaction, not one per message: the one registered for this transaction holds its
+        # rows (found again among the callbacks, unless a rolled-back savepoint dropped it: then anew).
+        for entry in connections[alias].run_on_commit:
+            callback = entry[1]
+            if isinstance(callback, _CommittedRows) and callback.outbox is self:
+                return callback
+        rows = _CommittedRows(self, alias)
+        transaction.on_commit(rows, using=alias, robust=True)
+        return rows
 
     # --- relaying -------------------------------------------------------------------------------------------
-    def flush(self, using: str = DEFAULT_DB_ALIAS) -> int:
+    def send_committed(self, alias: str, rows: list[OutboxMessage], in_savepoint: bool = False) -> None:
+        """Right after a commit: send the rows it wrote, from memory, in order. While older rows may be waiting
+        (a failure, or a process that has not looked yet), or when some were written in a savepoint (which may
+        have rolled back), send what the table holds, in order, instead (:meth:`flush`)."""
+        if self._backlog or in_savepoint or connections[alias].in_atomic_block:
+            self.flush(alias, include=[row.pk for row in rows])
+            return
+        with self._flush_lock:
+            sent = self._send_in_order(alias, rows, set())
+        # Fresh rows: no other relay takes them, so their deletion can wait and be batched.
+        with self._sent_lock:
+            self._sent.setdefault(alias, []).extend(sent)
+        if len(self._sent[alias]) >= self.settings.batch:
+            self.delete_sent(alias)
+
+    def flush(self, using: str = DEFAULT_DB_ALIAS, include: list[int] | None = None) -> int:
         """Send the due rows of this app on ``using``, oldest first, until none is left; return how many were
-        sent. A row that fails waits with backoff (``attempts``, ``next_attempt``, ``last_error``) and holds
-        back the later rows of its channel, so each channel keeps its order."""
-        sent_total = 0
+        sent. Due: rows whose backoff passed, rows ``TAKEOVER`` seconds old (their node did not send them), and
+        the rows ``include`` (just committed by the caller). A fresh row is its committing thread's to send.
+        A row that fails waits with backoff and holds back the later rows of its channel (order per channel)."""
+        total = 0
         with self._flush_lock:
             while True:
-                sent, more = self._flush_batch(using)
-                sent_total += sent
-                if not more:
-                    return sent_total
+                sent, taken, failed = self._flush_batch(using, include or [])
+                total += sent
+                if taken < self.settings.batch or failed:
+                    break
+        self.delete_sent(using)
+        return total
 
-    def _flush_batch(self, alias: str) -> tuple[int, bool]:
-        rows_of_app = outbox_model().objects.using(alias).filter(app_name=self.identity.name)
+    def _flush_batch(self, alias: str, include: list[int]) -> tuple[int, int, bool]:
         now = timezone.now()
-        # Order is kept per (kind, channel): a row waiting out its backoff holds back the later rows of its
-        # channel, not those of other channels.
-        blocked = set(rows_of_app.filter(next_attempt__gt=now).values_list("kind", "channel").distinct())
+        rows = outbox_model().objects.using(alias).filter(app_name=self.identity.name)
+        # A row waiting out its backoff holds back the later rows of its channel, not those of other channels.
+        blocked = set(rows.filter(next_attempt__gt=now).values_list("kind", "channel"))
         held_back = Q()
         for kind, channel in blocked:
             held_back |= Q(kind=kind, channel=channel)
+        stale = now - timedelta(seconds=self.settings.takeover)
+        due = rows.filter(Q(next_attempt__lte=now) | Q(created__lt=stale) | Q(pk__in=include)).exclude(held_back)
         with transaction.atomic(using=alias):
-            rows = list(
-                rows_of_app.select_for_update(skip_locked=True)
-                .filter(Q(next_attempt__isnull=True) | Q(next_attempt__lte=now))
-                .exclude(held_back)
-                .order_by("id")[: self.settings.batch]
-            )
-            sent: list[int] = []
-            for row in rows:
-                if (row.kind, row.channel) in blocked:
-                    continue
-                try:
-                    self._send(row)
-                except Exception as exc:
-                    self._postpone(alias, row, exc)
-                    blocked.add((row.kind, row.channel))
-                    continue
-                sent.append(row.pk)
+            # Deleted in the claiming transaction: once it commits, no other relay can take these rows again.
+            relaxed_commit(alias)  # losing this commit in a crash only sends the rows once more
+            with self._sent_lock:
+                pending = list(self._sent.get(alias, ()))
+            taken = list(self._claim(due.exclude(pk__in=pending)))
+            sent = self._send_in_order(alias, taken, blocked)
             if sent:
-                rows_of_app.filter(pk__in=sent).delete()
-        return len(sent), len(rows) == self.settings.batch and len(sent) == len(rows)
+                rows.filter(pk__in=sent).delete()
+        self._backlog = bool(blocked) or len(sent) < len(taken)
+        return len(sent), len(taken), len(sent) < len(taken)
+
+    def _claim(self, rows: QuerySet[OutboxMessage]) -> QuerySet[OutboxMessage]:
+        return rows.select_for_update(skip_locked=True).order_by("id")[: self.settings.batch]
+
+    def _send_in_order(self, alias: str, rows: list[OutboxMessage], blocked: set[tuple[str, str]]) -> list[int]:
+        """Send ``rows`` in order, skipping channels in ``blocked`` (a failure adds its channel); return the ids
+        of the rows sent."""
+        sent: list[int] = []
+        for index, row in enumerate(rows):
+            if (row.kind, row.channel) in blocked:
+                continue
+            try:
+                self._send(row)
+            except Exception as exc:
+                # This row and the later ones of its channel wait out the backoff, in order.
+                later = [r.pk for r in rows[index + 1 :] if (r.kind, r.channel) == (row.kind, row.channel)]
+                self._postpone(alias, row, exc, later)
+                blocked.add((row.kind, row.channel))
+                self._backlog = True
+                self._wake.set()
+                continue
+            sent.append(row.pk)
+        return sent
+
+    def delete_sent(self, alias: str = DEFAULT_DB_ALIAS) -> None:
+        """Delete the rows this process sent (one statement per batch). If this fails, they are kept and tried
+        again; if the process dies first, other nodes send them again after ``TAKEOVER`` seconds."""
+        with self._sent_lock:
+            sent, self._sent[alias] = self._sent.get(alias, []), []
+        try:
+            for start in range(0, len(sent), self.settings.batch):
+                with transaction.atomic(using=alias):
+                    relaxed_commit(alias)  # losing this commit in a crash only sends the rows once more
+                    chunk = sent[start : start + self.settings.batch]
+                    outbox_model().objects.using(alias).filter(pk__in=chunk).delete()
+        except Exception:
+            with self._sent_lock:
+                self._sent[alias] = sent + self._sent[alias]
+            raise
 
     def _send(self, row: OutboxMessage) -> None:
         send = self._senders.get(row.kind)
@@ -173,7 +260,7 @@ class Outbox(Component):
             raise LookupError(f"no sender for outbox rows of kind {row.kind!r} on this node")
         send(row)
 
-    def _postpone(self, alias: str, row: OutboxMessage, exc: Exception) -> None:
+    def _postpone(self, alias: str, row: OutboxMessage, exc: Exception, later: list[int]) -> None:
         delay = min(self.settings.backoff_max, 0.5 * 2 ** min(row.attempts, 16))
         error = f"{type(exc).__name__}: {exc}"
         logger.warning(
@@ -181,9 +268,12 @@ class Outbox(Component):
             row.kind, row.message_id, row.channel, row.attempts + 1, delay, error,
             extra={"channel": row.channel, "message_id": row.message_id},
         )  # fmt: skip
-        outbox_model().objects.using(alias).filter(pk=row.pk).update(
-            attempts=row.attempts + 1, next_attempt=timezone.now() + timedelta(seconds=delay), last_error=error[:2000]
-        )
+        row.attempts += 1
+        next_attempt = timezone.now() + timedelta(seconds=delay)
+        rows = outbox_model().objects.using(alias)
+        rows.filter(pk=row.pk).update(attempts=row.attempts, next_attempt=next_attempt, last_error=error[:2000])
+        if later:
+            rows.filter(pk__in=later, next_attempt__isnull=True).update(next_attempt=next_attempt)
 
     # --- inspection -----------------------------------------------------------------------------------------
     def backlog(self) -> dict[str, Any]:
@@ -221,11 +311,17 @@ class Outbox(Component):
         if thread.is_alive():
             logger.error("outbox relay thread did not stop within 30 s")
 
+    def close(self) -> None:
+        """Delete what this process sent (a node stopping leaves no row for others to send again)."""
+        for alias in sorted(self._databases):
+            try:
+                self.delete_sent(alias)
+            except Exception:
+                logger.warning("outbox: sent rows on %r not deleted at stop; other nodes send them again", alias)
+
     def after_fork(self) -> None:
-        self._thread = None
-        self._flush_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
+        # The parent's sent rows are the parent's to delete.
+        self._reset()
 
     def _run(self) -> None:
         failing = False

@@ -1,10 +1,13 @@
 """Dropping a second copy of a relayed message (ours): the outbox delivers at least once.
 
-A relay killed between sending a row and deleting it sends the row again. Messages that went through the outbox
-carry ``relayed``; when one has run to its end (done, cancelled or failed for good), its id is written to
-:class:`~nocluster.models.ProcessedMessage`, and a copy that arrives later is dropped before it runs. Two copies
-that run at the same time are not caught (the window is a relay's crash, then its restart within one run).
-Entries older than ``window`` seconds are removed as new ones are written.
+A node killed between sending an outbox row and deleting it leaves the row, and another node sends it again.
+Every send of a relayed message carries a new ``send_id``. When a relayed message starts its first try, its id
+and send id are written to :class:`~nocluster.models.RelayedRun` (one ``INSERT``); a message whose id is there
+with another send id is a second copy, and is dropped before it runs, even while the first copy still runs. The
+same copy delivered again (its worker died, Celery retried it) has the same send id and runs again (at least once).
+
+Limit: if the first copy started and was then lost by the broker itself (a Redis without persistence that
+crashed), the second copy is dropped too. Entries older than ``window`` seconds are removed as new ones are written.
 """
 
 from __future__ import annotations
@@ -14,50 +17,57 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from django.db import IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
+from nocluster.db import relaxed_commit
 from nocluster.queue.message import Message
 
 if TYPE_CHECKING:
-    from nocluster.models import ProcessedMessage
+    from nocluster.models import RelayedRun
 
 logger = logging.getLogger("nocluster.queue")
 
-# Seconds a processed relayed message is remembered; every PURGE_EVERY writes the older entries are removed.
+# Seconds a relayed message is remembered; every PURGE_EVERY writes the older entries are removed.
 WINDOW = 24 * 3600.0
-PURGE_EVERY = 500
+PURGE_EVERY = 1000
 
 
-def processed_model() -> type[ProcessedMessage]:
-    from nocluster.models import ProcessedMessage  # this module loads before the app registry is ready
+def relayed_run_model() -> type[RelayedRun]:
+    from nocluster.models import RelayedRun  # this module loads before the app registry is ready
 
-    return ProcessedMessage
+    return RelayedRun
 
 
 class DedupeLedger:
-    """The relayed messages of app ``app_name`` that already ran (database-wide, so every worker sees them)."""
+    """The relayed messages of app ``app_name`` that started (database-wide, so every worker sees them)."""
 
     def __init__(self, app_name: str, window: float = WINDOW) -> None:
         self.app_name = app_name
         self.window = window
         self._writes = itertools.count(1)
 
-    def ran_already(self, message: Message) -> bool:
-        """True if ``message`` is a second copy of a relayed message that ran to its end."""
-        if not message.relayed or message.retried:
-            return False
-        return processed_model().objects.filter(app_name=self.app_name, message_id=message.id).exists()
+    def is_second_copy(self, message: Message) -> bool:
+        """For the first try of a relayed message: record it, and say whether another copy of it started before.
 
-    def remember(self, message: Message) -> None:
-        """Record that the relayed ``message`` ran to its end (nothing for other messages)."""
-        if not message.relayed:
-            return
-        model = processed_model()
+        Any other message is never a second copy (and costs no query).
+        """
+        if not message.relayed or message.retried or not message.send_id:
+            return False
+        model = relayed_run_model()
+        outer = connections[DEFAULT_DB_ALIAS].in_atomic_block
         try:
+            # A savepoint inside a caller's transaction; else a transaction of its own whose commit does not wait
+            # for the disk (an entry lost in a database crash only lets a second copy run).
             with transaction.atomic():
-                model.objects.create(app_name=self.app_name, message_id=message.id)
+                if not outer:
+                    relaxed_commit(DEFAULT_DB_ALIAS)
+                model.objects.create(app_name=self.app_name, message_id=message.id, send_id=message.send_id)
         except IntegrityError:
-            return  # recorded by the other copy
+            first = model.objects.filter(app_name=self.app_name, message_id=message.id).values_list(
+                "send_id", flat=True
+            )
+            return first.first() != message.send_id
         if next(self._writes) % PURGE_EVERY == 0:
             model.objects.filter(created__lt=timezone.now() - timedelta(seconds=self.window)).delete()
+        return False

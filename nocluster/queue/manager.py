@@ -7,8 +7,10 @@ backend only carries messages (see :mod:`nocluster.queue.backend`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -142,8 +144,8 @@ class EventQueue(Component):
         return message.id
 
     def relay(self, row: OutboxMessage) -> None:
-        """The outbox's sender of ``"queue"`` rows: queue the message the row holds."""
-        message = Message.from_wire(row.body)
+        """The outbox's sender of ``"queue"`` rows: queue the message the row holds (a new send id per send)."""
+        message = dataclasses.replace(Message.from_wire(row.body), send_id=uuid.uuid4().hex)
         self._send(self.full_channel(message.channel), message)
 
     def _checked_limits(self, channel: str, timeout: object, max_retries: object) -> tuple[float, int]:
@@ -181,7 +183,7 @@ class EventQueue(Component):
 
         A second copy of a relayed message that already ran is not run (``"duplicate"``).
         """
-        if self.ledger.ran_already(message):
+        if self.ledger.is_second_copy(message):
             logger.warning(
                 "%s %s: a second copy of a relayed message that already ran; dropped",
                 self.full_channel(message.channel), message.id,
@@ -204,8 +206,6 @@ class EventQueue(Component):
             self.fail_or_retry(message, outcome.error, node)
             return
         logger.debug("%s %s on %s: %s", self.full_channel(message.channel), message.id, node, outcome.status)
-        if outcome.status != "duplicate":
-            self.ledger.remember(message)
 
     def fail_or_retry(self, message: Message, error: str, node: str) -> None:
         """Publish the next try of ``message`` after its backoff, or record it as failed if none is left."""
@@ -234,7 +234,6 @@ class EventQueue(Component):
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         failures.record(self.identity.name, message, error, node)
-        self.ledger.remember(message)
 
     # --- cancellation ------------------------------------------------------------------------------------------
     def cancel(self, message_id: str, reason: str = CANCELLED) -> bool:

@@ -28,6 +28,7 @@ class Message:
       retried: 0 on the first try, then 1, 2, ... (``context.retried``).
       published_at: Unix time of the first publish (seconds).
       relayed: it went through the outbox, which may send it twice: the consumer drops a second copy.
+      send_id: of a relayed message, unique per send (a second send of the same outbox row has another).
       settle_error, settle_attempts: a failed try whose retry or failed record could not be written: the error to
         settle with, and how many times that was tried (the message is not run again, only settled).
     """
@@ -40,6 +41,7 @@ class Message:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     published_at: float = field(default_factory=time.time)
     relayed: bool = False
+    send_id: str = ""
     settle_error: str = ""
     settle_attempts: int = 0
 
@@ -53,7 +55,7 @@ class Message:
             "retried": self.retried,
             "id": self.id,
             "published_at": self.published_at,
-            **({"relayed": True} if self.relayed else {}),
+            **({"relayed": True, "send_id": self.send_id} if self.relayed else {}),
             **(
                 {"settle_error": self.settle_error, "settle_attempts": self.settle_attempts}
                 if self.settle_error
@@ -81,6 +83,7 @@ class Message:
             id=wire_id(fields, "id", what),
             published_at=float(wire_field(fields, "published_at", (int, float), what)),
             relayed=bool(fields.get("relayed") is True),
+            send_id=str(fields.get("send_id") or "")[:32],
             settle_error=str(fields.get("settle_error") or ""),
             settle_attempts=int(fields.get("settle_attempts") or 0),
             **counts,

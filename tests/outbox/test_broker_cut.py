@@ -7,7 +7,6 @@ for sync messages.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +16,9 @@ from django.db import transaction
 
 from nocluster.models import OutboxMessage
 from plugins.async_task_manager.jobs import checksum
-from settings.test import RUN_ID
 from tasks import api as tasks
 from tasks.models import Task
+from tests.conftest import unique_name
 from tests.helpers import NodeProcess, stop_nodes, wait_until
 from tests.pubsub.test_nodes import SCENARIO, in_sync, received
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
@@ -27,7 +26,6 @@ from tests.queue.workers import start_workers, stop_workers
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
-_names = itertools.count(1)
 
 CUT_SECONDS = 30.0
 COMMITTED, ROLLED_BACK = 180, 20  # per kind (tasks and plain messages): 200 published in transactions each
@@ -47,7 +45,7 @@ def cut_clusters(
     try:
         for broker, url in (("redis", redis_url), ("amqp", amqp_url)):
             proxy = TcpProxy.for_url(url, broker_port(url))
-            name = f"t{RUN_ID}-cut{next(_names)}"
+            name = unique_name("cut")
             env = cluster_env(name, proxy.url(url), worker_database_url, redis_url)
             publisher = celery_publisher(name, proxy.url(url))
             tasks.register("async_task_manager", "checksum", checksum, concurrency=2, app=publisher)

@@ -3,7 +3,6 @@ their target refuses them, and leave once it took them."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,21 +10,20 @@ import pytest
 from django.db import transaction
 
 from nocluster import Application
-from nocluster.models import InstalledPlugin, OutboxMessage, ProcessedMessage
+from nocluster.models import InstalledPlugin, OutboxMessage, RelayedRun
 from nocluster.queue.message import Message
 from nocluster.testing import drain, wait_until
-from settings.test import RUN_ID
+from tests.conftest import unique_name
 from tests.pubsub.test_contract import Inbox
 
 MEMORY = "nocluster.queue.backends.memory.MemoryQueueBackend"
 LOCAL = "nocluster.pubsub.backends.local.LocalPubSubBackend"
-_names = itertools.count(1)
 
 
 @pytest.fixture
 def nodes(transactional_db: None) -> Iterator[tuple[Application, Application]]:
     """Two started nodes on one local bus, each with an in-process queue consuming channel ``jobs``."""
-    name = f"t{RUN_ID}-o{next(_names)}"
+    name = unique_name("o")
     built = []
     for _ in range(2):
         node = Application(
@@ -129,13 +127,27 @@ def test_a_second_copy_of_a_relayed_message_does_not_run(nodes: tuple[Applicatio
     with transaction.atomic():
         node.event_queue.publish("jobs", "once")
     assert node.event_queue.drain(10) and ran == ["once"]
-    processed = ProcessedMessage.objects.get(app_name=node.name)
+    first = RelayedRun.objects.get(app_name=node.name)
     # When the same row is sent again (a relay killed between sending and deleting sends it twice)
-    body = Message("jobs", "once", id=processed.message_id, relayed=True).to_wire()
+    body = Message("jobs", "once", id=first.message_id, relayed=True).to_wire()
     node.event_queue.relay(OutboxMessage(app_name=node.name, kind="queue", channel="jobs", body=body))
     # Then it is dropped before it runs
     assert node.event_queue.drain(10)
     assert ran == ["once"]
+
+
+def test_the_same_copy_delivered_again_runs_again(nodes: tuple[Application, Application]) -> None:
+    node, _ = nodes
+    ran: list[Any] = []
+    start(node, ran)
+    # Given a relayed message that started (its ledger entry written) and whose worker died
+    message = Message("jobs", "again", relayed=True, send_id="s1")
+    assert not node.event_queue.ledger.is_second_copy(message)
+    # When the broker delivers that same copy again, it runs (at least once); another send of it would not
+    node.event_queue.backend.publish(node.event_queue.full_channel("jobs"), message)
+    assert node.event_queue.drain(10)
+    assert ran == ["again"]
+    assert node.event_queue.ledger.is_second_copy(Message("jobs", "again", id=message.id, relayed=True, send_id="s2"))
 
 
 def test_publishing_to_a_stopped_queue_is_refused(nodes: tuple[Application, Application]) -> None:

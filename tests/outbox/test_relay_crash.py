@@ -7,25 +7,23 @@ is left and drop the second copies before they run.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import pytest
 
 from nocluster.models import OutboxMessage
-from settings.test import RUN_ID
+from tests.conftest import unique_name
 from tests.helpers import NodeProcess, wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.workers import start_workers, stop_workers
 
 pytestmark = pytest.mark.cluster
 COUNT = 2000
-_names = itertools.count(1)
 
 
 @pytest.fixture
 def relay_cluster(worker_database_url: str, redis_url: str, transactional_db: None) -> Iterator[Cluster]:
-    name = f"t{RUN_ID}-relay{next(_names)}"
+    name = unique_name("relay")
     env = cluster_env(name, redis_url, worker_database_url, redis_url)
     cluster = Cluster(name, "redis", celery_publisher(name, redis_url), env)
     try:

@@ -5,12 +5,11 @@ handlers recorded (:mod:`tests.queue.scenarios`: JSON events on a Redis list) an
 
 - ``memory`` and ``database``: the in-process backends, consumed by the test process itself (built per test);
 - ``redis`` and ``amqp``: Celery on each broker, consumed by two real worker processes (3 prefork processes
-  each) shared by the tests of a module; each test uses its own message ids.
+  each) shared by the queue tests of the run; each test uses its own message ids.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from kombu import Connection
 from nocluster import Application
 from nocluster.queue.backends.celery import celery_queue
 from settings.test import RUN_ID
-from tests.conftest import server_unavailable
+from tests.conftest import server_unavailable, unique_name
 from tests.helpers import wait_until
 from tests.queue import scenarios
 from tests.queue.workers import LIMIT_OPTIONS, QUEUE_LIMITS, Worker, start_workers, stop_workers
@@ -34,7 +33,6 @@ IN_PROCESS = {
 }
 IN_PROCESS_OPTIONS = {"retry_backoff": 0.05, "retry_backoff_max": 0.2, "grace": 0.5, "poll_interval": 0.05}
 BACKENDS = ["memory", "database", "redis", "amqp"]
-_names = itertools.count(1)
 
 
 @dataclass
@@ -61,7 +59,10 @@ class Cluster:
 
     def drain(self, timeout: float = 60.0) -> None:
         """Wait until nothing of this project is queued, delayed, held or running (AssertionError after it)."""
-        assert self.app.event_queue.drain(timeout), f"the queue on {self.broker} did not drain in {timeout} s"
+        if not self.app.event_queue.drain(timeout):
+            depths = self.app.event_queue.depths()
+            logs = "".join(f"\n--- {worker.name}:\n{worker.log_text()[-2000:]}" for worker in self.workers)
+            raise AssertionError(f"the queue on {self.broker} did not drain in {timeout} s: depths {depths}{logs}")
 
     def worker_of(self, node_pid: int) -> Worker:
         return next(worker for worker in self.workers if worker.pid == node_pid)
@@ -74,7 +75,7 @@ class Cluster:
         return fresh
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker_database_url(django_db_setup: None, django_db_blocker: Any) -> str:
     """This run's test database, for worker processes (tests see their rows with ``transactional_db``)."""
     with django_db_blocker.unblock():
@@ -127,22 +128,22 @@ def delete_keys(name: str) -> None:
 
 
 def start_celery_cluster(broker: str, broker_url: str, database_url: str, redis_url: str) -> Cluster:
-    name = f"t{RUN_ID}-q{next(_names)}"
+    name = unique_name("q")
     env = cluster_env(name, broker_url, database_url, redis_url)
     result = Cluster(name, broker, celery_publisher(name, broker_url), env)
     result.workers = start_workers([f"w1-{name}", f"w2-{name}"], env, include=result.include)
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_cluster(worker_database_url: str, redis_url: str) -> Iterator[Cluster]:
-    """Two workers of a fresh project on the real Redis broker, for this module."""
+    """Two workers of a fresh project on the real Redis broker, shared by the queue tests of the run."""
     yield from _celery_cluster("redis", redis_url, worker_database_url, redis_url)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def amqp_cluster(worker_database_url: str, redis_url: str, amqp_url: str) -> Iterator[Cluster]:
-    """Two workers of a fresh project on the real RabbitMQ broker, for this module."""
+    """Two workers of a fresh project on the real RabbitMQ broker, shared by the queue tests of the run."""
     yield from _celery_cluster("amqp", amqp_url, worker_database_url, redis_url)
 
 
@@ -165,7 +166,7 @@ def queue(request: pytest.FixtureRequest, transactional_db: None) -> Cluster:
 
 def _in_process(request: pytest.FixtureRequest) -> Cluster:
     kind = request.param
-    name = f"t{RUN_ID}-m{next(_names)}"
+    name = unique_name("m")
     app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": IN_PROCESS[kind], "OPTIONS": IN_PROCESS_OPTIONS}})
     scenarios.register(app)
     app.event_queue.start()

@@ -49,7 +49,7 @@ def test_work_ignoring_even_the_soft_time_limit_is_killed_by_the_hard_limit(
 def test_a_timeout_longer_than_the_queue_allows_is_refused(cluster: Cluster) -> None:
     # The longest timeout sizes the Redis visibility timeout, so a longer one could run twice
     with pytest.raises(ValueError, match=r"'echo'.*exceeds the longest this queue allows"):
-        cluster.app.event_queue.publish("echo", {}, timeout=11)
+        cluster.app.event_queue.publish("echo", {}, timeout=7)
 
 
 def test_drain_waits_for_a_retry_waiting_out_its_delay(cluster: Cluster, transactional_db: None) -> None:
@@ -64,7 +64,7 @@ def test_drain_waits_for_a_retry_waiting_out_its_delay(cluster: Cluster, transac
 
 def test_a_killed_pool_process_s_message_is_run_again(cluster: Cluster, transactional_db: None) -> None:
     # Given a 3 s message running in a pool process
-    message_id = cluster.app.event_queue.publish("long", {"sleep": 3}, timeout=10)
+    message_id = cluster.app.event_queue.publish("long", {"sleep": 3}, timeout=6)
     start = wait_until(lambda: of(cluster.events("long-start"), message_id), timeout=30)[0]
 
     # When that pool process is killed with SIGKILL (its worker lives on)
@@ -78,7 +78,7 @@ def test_a_killed_pool_process_s_message_is_run_again(cluster: Cluster, transact
 
 def test_a_message_that_keeps_ending_its_process_is_recorded_failed(cluster: Cluster, transactional_db: None) -> None:
     # Given work that ends its own pool process (os._exit) every time
-    message_id = cluster.app.event_queue.publish("poison", None, timeout=10)
+    message_id = cluster.app.event_queue.publish("poison", None, timeout=6)
     echo = cluster.app.event_queue.publish("echo", "meanwhile", timeout=5)
 
     # Then it runs max_deliveries (5) times in all, then is recorded failed, not looped; the worker goes on
@@ -94,7 +94,7 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
 ) -> None:
     cluster = amqp_cluster  # Redis hands a dead worker's message out again only after the visibility timeout
     # Given work that kills its whole worker (main process and pool) every time, on a supervised cluster
-    message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=10)
+    message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=6)
 
     # When every worker it kills is started again (as systemd would; it may die again before it says ready)
     restarts = itertools.count(1)
@@ -121,7 +121,7 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
 
 def test_a_killed_worker_s_message_completes_on_another_worker(cluster: Cluster) -> None:
     # Given a 4 s message running on a worker
-    message_id = cluster.app.event_queue.publish("long", {"sleep": 4}, timeout=10)
+    message_id = cluster.app.event_queue.publish("long", {"sleep": 4}, timeout=6)
     start = wait_until(lambda: of(cluster.events("long-start"), message_id), timeout=30)[0]
     victim = cluster.worker_of(start["node"])
     killed_at = time.monotonic()
@@ -130,8 +130,8 @@ def test_a_killed_worker_s_message_completes_on_another_worker(cluster: Cluster)
     victim.kill()
 
     # Then the message runs again on the other worker and completes, once, within its timeout plus a minute
-    done = wait_until(lambda: of(cluster.events("long-done"), message_id), timeout=10 + 60)
-    assert time.monotonic() - killed_at < 10 + 60
+    done = wait_until(lambda: of(cluster.events("long-done"), message_id), timeout=6 + 60)
+    assert time.monotonic() - killed_at < 6 + 60
     assert len(done) == 1 and done[0]["node"] != victim.pid
     assert [event["node"] for event in of(cluster.events("long-start"), message_id)][-1] == done[0]["node"]
     cluster.replace(victim)

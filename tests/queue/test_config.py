@@ -36,9 +36,9 @@ def test_reliability_settings_are_forced(redis_url: str) -> None:
 
 
 def test_the_redis_visibility_timeout_is_derived_from_the_longest_timeout(redis_url: str) -> None:
-    # The longest life of an unacked message: retry delay (2) + 3 x (max timeout (10) + 2 x grace (1)) + margin (10)
+    # The longest life of an unacked message: retry delay (2) + 3 x (max timeout (6) + 2 x grace (1)) + margin (10)
     limits = QueueLimits(**LIMIT_OPTIONS)
-    assert visibility_timeout(limits) == 2 + 3 * (10 + 2 * 1) + 10
+    assert visibility_timeout(limits) == 2 + 3 * (6 + 2 * 1) + 10
 
     # And the channel really uses it (celery#9339: a setting that is not picked up stays at 3600 s)
     with celery_app(redis_url).connection_for_write() as connection:  # type: ignore[attr-defined]

@@ -3,7 +3,6 @@ published, and a message whose node died runs again once its lease expires."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -13,19 +12,18 @@ from django.utils import timezone
 from nocluster import Application
 from nocluster.models import QueuedMessage
 from nocluster.queue.message import Message
-from settings.test import RUN_ID
+from tests.conftest import unique_name
 from tests.queue import scenarios
 from tests.queue.conftest import IN_PROCESS, IN_PROCESS_OPTIONS, delete_keys
 from tests.queue.scenarios import of
 
 DATABASE = IN_PROCESS["database"]
-_names = itertools.count(1)
 
 
 @pytest.fixture
 def project(transactional_db: None) -> Iterator[tuple[Application, Application]]:
     """Two Applications of one project on the database queue: a publisher that consumes nothing, a consumer."""
-    name = f"t{RUN_ID}-d{next(_names)}"
+    name = unique_name("d")
     publisher, consumer = (
         Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": DATABASE, "OPTIONS": {**IN_PROCESS_OPTIONS, "lease": 1}}})
         for _ in range(2)

@@ -7,7 +7,6 @@ re-queued at once), and ends in the failed store once the database is back.
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from nocluster.models import FailedMessage
-from settings.test import RUN_ID
+from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.scenarios import of
@@ -26,7 +25,6 @@ from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
 CUT_SECONDS = 10.0
-_names = itertools.count(1)
 
 
 @pytest.fixture
@@ -35,7 +33,7 @@ def cut_database(
 ) -> Iterator[tuple[Cluster, TcpProxy]]:
     parts = urlsplit(worker_database_url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    name = f"t{RUN_ID}-pg{next(_names)}"
+    name = unique_name("pg")
     env = cluster_env(name, redis_url, proxy.url(worker_database_url), redis_url)
     cluster = Cluster(name, "redis", celery_publisher(name, redis_url), env)
     try:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tests.helpers import ROOT, wait_until
 
-# Short limits, so that timeouts, retries and the Redis visibility timeout (48 s) fit the test budget.
+# Short limits, so that timeouts, retries and the Redis visibility timeout (36 s) fit the test budget.
 QUEUE_LIMITS = {
-    "NOCLUSTER_QUEUE_MAX_TIMEOUT": "10",
+    "NOCLUSTER_QUEUE_MAX_TIMEOUT": "6",
     "NOCLUSTER_QUEUE_GRACE": "1",
     "NOCLUSTER_QUEUE_RETRY_BACKOFF": "0.2",
     "NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX": "2",
@@ -22,7 +22,7 @@ QUEUE_LIMITS = {
 }
 # The same limits as the Celery backend's OPTIONS, for an Application of the test process.
 LIMIT_OPTIONS = {
-    "max_timeout": 10.0,
+    "max_timeout": 6.0,
     "grace": 1.0,
     "retry_backoff": 0.2,
     "retry_backoff_max": 2.0,
@@ -102,5 +102,9 @@ def start_workers(names: list[str], env: dict[str, str], concurrency: int = 3, i
 
 
 def stop_workers(workers: list[Worker]) -> None:
+    """Warm shutdown of every worker at once (each takes a few seconds to finish and hand back its messages)."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
     for worker in workers:
         worker.stop()

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from nocluster import Application
 from nocluster.models import FailedMessage
 from plugins.async_task_manager.jobs import checksum
-from settings.test import RUN_ID
 from tasks import api
 from tasks.api import TaskContext
 from tasks.models import Task
+from tests.conftest import unique_name
 from tests.helpers import wait_until
 
 MEMORY = "nocluster.queue.backends.memory.MemoryQueueBackend"
-_names = itertools.count(1)
 release = threading.Event()
 
 
@@ -38,7 +37,7 @@ def failing_job(params: Any, task: TaskContext) -> None:
 @pytest.fixture
 def tasks_app(transactional_db: None) -> Iterator[Application]:
     """A project with three task types of plugin "demo", its queue workers and pub/sub started."""
-    name = f"t{RUN_ID}-k{next(_names)}"
+    name = unique_name("k")
     options = {"retry_backoff": 0.05, "retry_backoff_max": 0.1, "grace": 0.5, "poll_interval": 0.05}
     app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": MEMORY, "OPTIONS": options}})
     api.register("demo", "gated", gated_job, app=app)
@@ -163,7 +162,7 @@ def test_a_task_whose_message_cannot_be_queued_waits_in_the_outbox_and_runs_once
         del tasks_app.event_queue.backend.publish
     # When the broker takes messages again, the next relay sends it and the task runs
     assert row.next_attempt is not None  # it waits out a backoff; skip it rather than wait
-    OutboxMessage.objects.filter(pk=row.pk).update(next_attempt=None)
+    OutboxMessage.objects.filter(pk=row.pk).update(next_attempt=timezone.now())
     assert tasks_app.outbox.flush() == 1
     wait_until(lambda: status(task) == "succeeded", timeout=10)
     assert not OutboxMessage.objects.filter(pk=row.pk).exists()

@@ -28,7 +28,7 @@ def test_cancel_from_node_a_stops_the_task_running_on_node_b_within_a_second(
             task_id = node_a.request(
                 {
                     "cmd": "eval",
-                    "expr": "app.plugins['async_task_manager'].submit_checksum(rounds=200, pause=0.05, timeout=10).pk",
+                    "expr": "app.plugins['async_task_manager'].submit_checksum(rounds=200, pause=0.05, timeout=6).pk",
                 }
             )
             wait_until(lambda: Task.objects.filter(pk=task_id, status="running", progress__gt=0).exists(), timeout=30)

@@ -1,0 +1,158 @@
+"""The outbox's cost on PostgreSQL: ``publish()`` inside ``atomic()`` with the outbox, against the same publish made
+after the commit without it (``transaction.on_commit``, what the event queue did before), in one run.
+
+For each broker (Redis, RabbitMQ): one Celery worker (2 prefork processes) and a publisher on a fresh PostgreSQL
+database. Each transaction inserts a row of the caller's (a ``tasks.Task``) and publishes a no-op message:
+
+- ``on_commit``: the message is published in ``transaction.on_commit`` (lost if the broker is down then);
+- ``outbox``: ``app.event_queue.publish`` inside the transaction (an outbox row, relayed after the commit, and
+  the worker's check for a second copy);
+
+one message per transaction, then batches of 100 per transaction. Printed per path: the publisher's time per
+message (transaction, commit and relay included), end-to-end throughput, and the outbox's added milliseconds
+per message and throughput ratio (goals: at most 0.5 ms added, at least 0.8 of the throughput).
+
+Needs PostgreSQL (``DATABASE_URL`` of a server where a database can be created, default
+``postgres://postgres@127.0.0.1:5432/postgres``), Redis and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from urllib.parse import urlsplit, urlunsplit  # noqa: E402
+
+from benchmarks.event_queue import BROKERS, ROOT, cleanup, client, done_key, reachable, start_worker  # noqa: E402
+
+N = int(os.environ.get("BENCH_OUTBOX_MESSAGES", "2000"))
+PATHS = ("on_commit", "outbox", "on_commit x100", "outbox x100")
+SERVER_URL = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+
+
+def database_url(name: str) -> str:
+    parts = urlsplit(SERVER_URL)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+
+
+def admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(SERVER_URL.replace("postgres://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def env_for(name: str, broker_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "settings",
+        "DJANGO_ENV": "",
+        "NOCLUSTER_NAME": name,
+        "BROKER_URL": broker_url,
+        "DATABASE_URL": database_url(name),
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+        "BENCH_QUEUE_ROLE": "worker",
+    }
+
+
+# --- the publishing side (a child process with the project's settings for this broker and database) -----
+def publish_and_wait() -> None:
+    import django
+
+    django.setup()
+    from django.db import transaction
+
+    from benchmarks.event_queue import register, wait_for_worker
+    from nocluster import app
+    from tasks.models import Task
+
+    register()
+    app.outbox.start()  # this node's relay, as on any started node
+    wait_for_worker()
+    queue = app.event_queue
+    figures: dict[str, dict[str, float]] = {}
+    for path in PATHS:
+        batch = 100 if path.endswith("x100") else 1
+        outbox = path.startswith("outbox")
+        client().delete(done_key("event_queue"))
+        started = time.perf_counter()
+        for first in range(0, N, batch):
+            with transaction.atomic():
+                for i in range(first, first + batch):
+                    Task.objects.create(title="bench", plugin="bench", channel="bench")
+                    if outbox:
+                        queue.publish("bench", {"i": i}, timeout=15)
+                    else:
+                        transaction.on_commit(lambda i=i: queue.publish("bench", {"i": i}, timeout=15))
+        published = time.perf_counter() - started
+        while client().llen(done_key("event_queue")) < N:
+            time.sleep(0.05)
+            if time.perf_counter() - started > 600:
+                raise RuntimeError(f"{path}: not every message ran")
+        total = time.perf_counter() - started
+        figures[path] = {"ms_per_message": 1000 * published / N, "done_per_s": N / total}
+    app.outbox.stop()
+    print(json.dumps(figures))
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+def run_broker(broker: str, url: str) -> dict[str, dict[str, float]]:
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    admin(f'CREATE DATABASE "{name}"')
+    env = env_for(name, url)
+    worker = None
+    try:
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+        worker = start_worker(name, url, env)
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.outbox", "--publish"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(60)
+        cleanup(name, url)
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
+    print(f"\n{broker}: {N} messages per path, each with a row of the caller's; 1 worker x 2 prefork processes")
+    print(f"  {'path':<16} {'publisher ms/msg':>17} {'done/s':>8}")
+    for path, row in figures.items():
+        print(f"  {path:<16} {row['ms_per_message']:>17.3f} {row['done_per_s']:>8.0f}")
+    for suffix in ("", " x100"):
+        base, ours = figures[f"on_commit{suffix}"], figures[f"outbox{suffix}"]
+        print(
+            f"  outbox{suffix or ' x1'}: +{ours['ms_per_message'] - base['ms_per_message']:.3f} ms per message "
+            f"(goal <= 0.5), throughput {ours['done_per_s'] / base['done_per_s']:.2f} (goal >= 0.8)"
+        )
+
+
+def main() -> int:
+    for broker, url in BROKERS.items():
+        if not reachable(url) or not reachable(SERVER_URL):
+            print(f"\n{broker}: {url} or PostgreSQL not reachable, skipped")
+            continue
+        report(broker, run_broker(broker, url))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--publish":
+        publish_and_wait()
+    else:
+        sys.exit(main())
