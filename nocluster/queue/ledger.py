@@ -2,7 +2,8 @@
 
 A node killed between sending an outbox row and deleting it leaves the row, and another node sends it again.
 Every send of a relayed message carries a new ``send_id``. When a relayed message starts its first try, its id
-and send id are written to :class:`~nocluster.models.RelayedRun` (one ``INSERT``); a message whose id is there
+and send id are written to :class:`~nocluster.models.RelayedRun` (one ``INSERT ... ON CONFLICT DO NOTHING``); a
+message whose id is there
 with another send id is a second copy, and is dropped before it runs, even while the first copy still runs. The
 same copy delivered again (its worker died, Celery retried it) has the same send id and runs again (at least once).
 
@@ -17,10 +18,9 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
-from nocluster.db import relaxed_commit
 from nocluster.queue.message import Message
 
 if TYPE_CHECKING:
@@ -55,19 +55,24 @@ class DedupeLedger:
         if not message.relayed or message.retried or not message.send_id:
             return False
         model = relayed_run_model()
-        outer = connections[DEFAULT_DB_ALIAS].in_atomic_block
-        try:
-            # A savepoint inside a caller's transaction; else a transaction of its own whose commit does not wait
-            # for the disk (an entry lost in a database crash only lets a second copy run).
-            with transaction.atomic():
-                if not outer:
-                    relaxed_commit(DEFAULT_DB_ALIAS)
-                model.objects.create(app_name=self.app_name, message_id=message.id, send_id=message.send_id)
-        except IntegrityError:
-            first = model.objects.filter(app_name=self.app_name, message_id=message.id).values_list(
-                "send_id", flat=True
-            )
-            return first.first() != message.send_id
+        if not self._insert(model, message):
+            first = model.objects.filter(app_name=self.app_name, message_id=message.id)
+            return first.values_list("send_id", flat=True).first() != message.send_id
         if next(self._writes) % PURGE_EVERY == 0:
             model.objects.filter(created__lt=timezone.now() - timedelta(seconds=self.window)).delete()
         return False
+
+    def _insert(self, model: type[RelayedRun], message: Message) -> bool:
+        """One statement, in autocommit or in the caller's transaction: True when this copy is the first.
+
+        ``ON CONFLICT DO NOTHING`` (PostgreSQL, SQLite): a conflict neither raises nor breaks a transaction. The
+        SQL is built from the model's own table and column names (quoted); every value is a parameter.
+        """
+        connection = connections[DEFAULT_DB_ALIAS]
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(name) for name in ("app_name", "message_id", "send_id", "created"))
+        table = quote(model._meta.db_table)
+        sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"  # noqa: S608
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [self.app_name, message.id, message.send_id, timezone.now()])
+            return bool(cursor.rowcount)

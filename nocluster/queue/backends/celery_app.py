@@ -23,6 +23,8 @@ VISIBILITY_MARGIN = 10.0
 # Unacked messages a worker may hold per pool process: one running, one waiting (a prefetched message, or a
 # retry/defer held until its countdown). Capped, so how long a message can stay unacked is bounded.
 HELD_PER_PROCESS = 2
+# Tasks after which Celery's Django fixup closes the database connections anyway (every 2 x this many).
+DB_REUSE_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,11 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Keep the project's LOGGING (NOCLUSTER_LOG_FORMAT=json works in workers too).
         worker_hijack_root_logger=False,
+        # Celery's Django fixup closes every database connection before and after each task unless this is set,
+        # so a message that touches the database (a task row, a failed record, the relay ledger) would pay a new
+        # connection each time. The runner already does what Django does around a request
+        # (close_old_connections: CONN_MAX_AGE and unusable connections), so Celery's closing is turned off.
+        CELERY_DB_REUSE_MAX=DB_REUSE_MAX,
         task_default_queue=f"{app_name}.celery",
     )
     return celery_app
