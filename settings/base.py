@@ -1,7 +1,8 @@
 """Settings for a nocluster node.
 
 Every value comes from the environment, with embedded defaults that need no server: SQLite, LocMemCache,
-in-process pub/sub, an in-process event queue and process-local locks. Setting ``DATABASE_URL``,
+in-process pub/sub, an event queue in the database (shared by every process of the project on one
+machine) and process-local locks. Setting ``DATABASE_URL``,
 ``REDIS_URL`` and ``BROKER_URL`` turns the node into a cluster node. The README lists every variable.
 """
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings as django_settings
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
@@ -90,8 +91,18 @@ class OutboxSettings:
             backoff_max=seconds(values.get("BACKOFF_MAX", cls.backoff_max), f'{key}["BACKOFF_MAX"]'),
             takeover=seconds(values.get("TAKEOVER", cls.takeover), f'{key}["TAKEOVER"]'),
             batch=count(values.get("BATCH", cls.batch), f'{key}["BATCH"]', least=1, most=10_000),
-            databases=tuple(values.get("DATABASES", cls.databases)),
+            databases=database_aliases(values.get("DATABASES", cls.databases), f'{key}["DATABASES"]'),
         )
+
+
+def database_aliases(value: object, what: str) -> tuple[str, ...]:
+    """The aliases of ``DATABASES`` whose outbox this node relays: a non-empty list of known aliases."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what} must be a non-empty list of database aliases, got {value!r}")
+    unknown = [alias for alias in value if alias not in django_settings.DATABASES]
+    if unknown:
+        raise ValueError(f"{what}: unknown database alias(es) {unknown!r} (known: {sorted(django_settings.DATABASES)})")
+    return tuple(value)
 
 
 class Outbox(Component):

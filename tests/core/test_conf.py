@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,34 @@ def test_manage_py_check_reports_a_bad_backend_by_its_key(tmp_path: object) -> N
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert 'NOCLUSTER["LOCKS"]["BACKEND"] cannot be imported' in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("databases", "message"),
+    [
+        ("default", "must be a non-empty list of database aliases"),
+        ([], "must be a non-empty list of database aliases"),
+        (["default", "nowhere"], "unknown database alias(es) ['nowhere']"),
+    ],
+)
+def test_outbox_databases_must_name_known_aliases(databases: object, message: str) -> None:
+    from nocluster.outbox.manager import OutboxSettings
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OutboxSettings.from_config({"OUTBOX": {"DATABASES": databases}})
+
+
+@pytest.mark.parametrize(
+    ("backend_path", "options"),
+    [
+        ("nocluster.pubsub.backends.kombu.KombuPubSubBackend", {"url": "amqp://", "heartbeat": "10"}),
+        ("nocluster.pubsub.backends.kombu.KombuPubSubBackend", {"url": "amqp://", "connect_timeout": True}),
+        ("nocluster.pubsub.backends.kombu.KombuPubSubBackend", {"url": "amqp://", "max_length": 0}),
+        ("nocluster.locks.backends.redis.RedisLockBackend", {"url": "redis://", "signal_expire": -1}),
+        ("nocluster.locks.backends.redis.RedisLockBackend", {"url": "redis://", "connect_timeout": float("nan")}),
+    ],
+)
+def test_backend_durations_and_counts_are_checked_when_built(backend_path: str, options: dict[str, object]) -> None:
+    name = next(key for key in options if key != "url")
+    with pytest.raises((ImproperlyConfigured, ValueError), match=name):
+        load_backend("X", {"X": {"BACKEND": backend_path, "OPTIONS": options}})

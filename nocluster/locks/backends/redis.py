@@ -44,6 +44,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nocluster.durations import optional_seconds, seconds
 from nocluster.errors import BackendUnavailable
 from nocluster.globs import glob_escape
 from nocluster.locks.backend import Lease, LockBackend, LockInfo
@@ -188,6 +189,9 @@ class RedisLockBackend(LockBackend):
     ) -> None:
         if not url:
             raise ValueError("RedisLockBackend needs a Redis url (NOCLUSTER['LOCKS']['OPTIONS']['url'])")
+        socket_timeout = optional_seconds(socket_timeout, "RedisLockBackend: socket_timeout")
+        connect_timeout = seconds(connect_timeout, "RedisLockBackend: connect_timeout")
+        signal_expire = seconds(signal_expire, "RedisLockBackend: signal_expire", most=3600)
         if socket_timeout is not None and socket_timeout < MIN_SOCKET_TIMEOUT:
             # A wait is a BLPOP of half of it, which Redis may end up to ~100 ms late (hz 10).
             raise ValueError(

@@ -17,8 +17,9 @@ class Command(BaseCommand):
     help = (
         "Publish a JSON message on CHANNEL: a pub/sub message (default), a sync message (--sync: "
         "'sync.CHANNEL', each other node's plugin CHANNEL reloads) or an event-queue message (--queue). The payload "
-        "is the PAYLOAD argument, or standard input when PAYLOAD is '-' or left out. Needs a cluster broker "
-        "(BROKER_URL or PUBSUB_URL): the in-process backends would reach this short-lived process only."
+        "is the PAYLOAD argument, or standard input when PAYLOAD is '-' or left out. Pub/sub and sync "
+        "messages need a cluster broker (BROKER_URL or PUBSUB_URL): the in-process bus would reach this short-lived "
+        "process only. --queue also works on embedded defaults, where the queue is the project's database."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Connection, Exchange, Producer
 
+from nocluster.durations import count, seconds
 from nocluster.errors import PublishError
 from nocluster.pubsub.backend import PubSubBackend
 from nocluster.pubsub.backends.kombu_amqp import AmqpPubSubTopology
@@ -82,12 +83,12 @@ class KombuPubSubBackend(PubSubBackend):
         transport_options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
-        self.heartbeat = heartbeat
-        self.reconnect_interval_max = reconnect_interval_max
-        self.connect_timeout = connect_timeout
-        self.queue_expires = queue_expires
-        self.max_length = max_length
-        self.publish_retries = publish_retries
+        self.heartbeat = seconds(heartbeat, "pub/sub OPTIONS heartbeat")
+        self.reconnect_interval_max = seconds(reconnect_interval_max, "pub/sub OPTIONS reconnect_interval_max")
+        self.connect_timeout = seconds(connect_timeout, "pub/sub OPTIONS connect_timeout")
+        self.queue_expires = seconds(queue_expires, "pub/sub OPTIONS queue_expires")
+        self.max_length = count(max_length, "pub/sub OPTIONS max_length", least=1, most=10**9)
+        self.publish_retries = count(publish_retries, "pub/sub OPTIONS publish_retries", most=100)
         self.transport_options = dict(transport_options or {})
         self.topology_class = topology_for(url)
         self.channels: set[str] = set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import Celery, Task, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
@@ -20,14 +20,31 @@ from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
 from nocluster.queue.message import Message
 
 if TYPE_CHECKING:
-    from nocluster.queue.backends.celery import CeleryQueueBackend
+    from kombu import Queue
+
+    from nocluster.queue.backend import QueueListener
 
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = "nocluster.queue.deliver"
 
 
-def install(backend: CeleryQueueBackend, celery_app: Celery) -> None:
+class WorkerBackend(Protocol):
+    """What the worker side uses of :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`."""
+
+    manager: QueueListener
+    max_deliveries: int
+
+    def queues(self) -> list[Queue]:
+        """The Celery queues of the subscribed channels."""
+        ...
+
+    def run(self, task: Task, message: Message) -> None:
+        """Run one delivery of ``message`` in this worker process and settle it."""
+        ...
+
+
+def install(backend: WorkerBackend, celery_app: Celery) -> None:
     """Register the delivery task of ``backend`` on ``celery_app`` and connect its worker signal handlers."""
 
     def deliver(task: Task, data: dict[str, Any]) -> None:
@@ -50,7 +67,7 @@ def install(backend: CeleryQueueBackend, celery_app: Celery) -> None:
     signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
 
 
-def _consume(backend: CeleryQueueBackend, celery_app: Celery) -> Any:
+def _consume(backend: WorkerBackend, celery_app: Celery) -> Any:
     def consume_subscribed_channels(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
         """Worker main process, once Django and the plugins are loaded: consume every subscribed channel."""
         if instance is None or instance.app is not celery_app:
@@ -66,7 +83,7 @@ def _consume(backend: CeleryQueueBackend, celery_app: Celery) -> Any:
     return consume_subscribed_channels
 
 
-def _settle_lost(backend: CeleryQueueBackend, celery_app: Celery) -> Any:
+def _settle_lost(backend: WorkerBackend, celery_app: Celery) -> Any:
     settled: list[str] = []
 
     def on_task_failure(
