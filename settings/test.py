@@ -17,7 +17,19 @@ import dj_database_url
 from settings.base import *  # noqa: F403
 from settings.base import CACHES, NOCLUSTER, env, env_bool
 
-RUN_ID = os.environ.setdefault("NOCLUSTER_TEST_RUN", uuid.uuid4().hex[:10])
+
+def run_id() -> str:
+    """This run's id, inherited by every process it spawns. Under pytest-xdist each worker is a run of its own
+    (the controller's id with the worker's name added), so two workers never share a name, key or queue."""
+    run = os.environ.get("NOCLUSTER_TEST_RUN") or uuid.uuid4().hex[:10]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker and not run.endswith(worker):
+        run += worker
+    os.environ["NOCLUSTER_TEST_RUN"] = run
+    return run
+
+
+RUN_ID = run_id()
 
 TEST_DATABASE_URL = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")

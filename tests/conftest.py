@@ -29,9 +29,13 @@ HOW_TO_START = {
     "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
 }
 _counter = itertools.count(1)
+KOMBU_BINDING_DEADLINES = "_kombu.binding_deadlines"
 
 # Set before anything asks for a temporary file: tempfile caches its folder, and spawned processes inherit TMPDIR.
-RUN_TMPDIR = tempfile.mkdtemp(prefix=f"nocluster-test-{RUN_ID}-")
+# A pytest-xdist worker makes its folder beside the controller's, not inside it: Chromium's socket path inside
+# would be too long (a Unix socket path has at most 107 bytes).
+_SYSTEM_TMPDIR = os.environ.setdefault("NOCLUSTER_TEST_SYSTEM_TMPDIR", tempfile.gettempdir())
+RUN_TMPDIR = tempfile.mkdtemp(prefix=f"nocluster-test-{RUN_ID}-", dir=_SYSTEM_TMPDIR)
 os.environ["TMPDIR"] = tempfile.tempdir = RUN_TMPDIR
 
 
@@ -125,7 +129,8 @@ def node_env(test_database_url: str, redis_url: str, app_name: str) -> Iterator[
 
 @pytest.fixture(scope="session", autouse=True)
 def delete_run_keys() -> Iterator[None]:
-    """After the run, delete the Redis keys it left (lock token counters, caches): all carry the run id."""
+    """After the run, delete the Redis keys it left (lock token counters, caches, kombu bindings): all carry the
+    run id."""
     yield
     if not reachable(TEST_REDIS_URL, 6379):
         return
@@ -135,6 +140,11 @@ def delete_run_keys() -> Iterator[None]:
     names = list(client.scan_iter(match=f"*t{RUN_ID}*", count=1000))
     for start in range(0, len(names), 500):
         client.delete(*names[start : start + 500])
+    # kombu's Redis transport lists every expiring binding table in one shared sorted set, swept only by a later
+    # consumer: drop this run's members from it too.
+    members = [member for member, _ in client.zscan_iter(KOMBU_BINDING_DEADLINES, match=f"t{RUN_ID}*", count=1000)]
+    for start in range(0, len(members), 500):
+        client.zrem(KOMBU_BINDING_DEADLINES, *members[start : start + 500])
     client.close()
 
 
