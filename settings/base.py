@@ -132,6 +132,8 @@ NOCLUSTER: dict[str, Any] = {
                 "retry_backoff": float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF", "1")),
                 "retry_backoff_max": float(env("NOCLUSTER_QUEUE_RETRY_BACKOFF_MAX", "60")),
                 "defer_delay": float(env("NOCLUSTER_QUEUE_DEFER_DELAY", "0.5")),
+                # RabbitMQ: "classic" or "quorum" (replicated) queues.
+                "queue_type": env("NOCLUSTER_QUEUE_TYPE", "classic"),
             },
         }
         if BROKER_URL

@@ -13,12 +13,17 @@ import signal
 import time
 
 import pytest
+from amqp.exceptions import PreconditionFailed
+from kombu import Connection
 
+from nocluster import Application
 from nocluster.models import FailedMessage
+from tests.conftest import unique_name
 from tests.helpers import wait_until
-from tests.queue.conftest import Cluster
+from tests.queue import scenarios
+from tests.queue.conftest import CELERY_BACKEND, Cluster, cleanup, cluster_env
 from tests.queue.scenarios import of
-from tests.queue.workers import Worker
+from tests.queue.workers import LIMIT_OPTIONS, Worker, start_workers, stop_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -117,6 +122,40 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
         worker.wait_ready()
     cluster.drain()
     assert len(of(cluster.events("kill-worker"), message_id)) == 5
+
+
+def test_quorum_queues_on_rabbitmq_carry_work_and_retries(
+    amqp_url: str, worker_database_url: str, redis_url: str, transactional_db: None
+) -> None:
+    # Given a project whose event queue uses RabbitMQ quorum queues (OPTIONS queue_type), and one worker of it
+    name = unique_name("qq")
+    env = {**cluster_env(name, amqp_url, worker_database_url, redis_url), "NOCLUSTER_QUEUE_TYPE": "quorum"}
+    options = {"broker_url": amqp_url, **LIMIT_OPTIONS, "queue_type": "quorum"}
+    app = Application({"NAME": name, "EVENT_QUEUE": {"BACKEND": CELERY_BACKEND, "OPTIONS": options}})
+    scenarios.register(app)
+    quorum = Cluster(name, "amqp", app, env)
+    try:
+        quorum.workers = start_workers([f"w1-{name}"], env, include=quorum.include)
+
+        # When a message and one that fails once, then succeeds on its (delayed) retry, are published
+        echo = app.event_queue.publish("echo", "on a quorum queue", timeout=5)
+        flaky = app.event_queue.publish("flaky", {"succeed_at": 1}, timeout=5, max_retries=1)
+
+        # Then both run, the retry included
+        wait_until(lambda: of(quorum.events("echo"), echo), timeout=30)
+        quorum.drain()
+        assert [event["retried"] for event in of(quorum.events("flaky"), flaky)] == [0, 1]
+        # And the channel's queue is a quorum queue: RabbitMQ refuses to declare it classic
+        with Connection(amqp_url) as connection, pytest.raises(PreconditionFailed, match="x-queue-type"):
+            connection.default_channel.queue_declare(
+                app.event_queue.full_channel("echo"),
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "classic"},
+            )
+    finally:
+        stop_workers(quorum.workers)
+        cleanup(quorum, amqp_url)
 
 
 def test_a_killed_worker_s_message_completes_on_another_worker(cluster: Cluster) -> None:

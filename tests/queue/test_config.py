@@ -61,6 +61,8 @@ def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:
         ({"max_timeout": float("nan")}, "option max_timeout must be a finite number"),
         ({"max_deliveries": 0}, "option max_deliveries"),
         ({"retries": 3}, "retries"),
+        ({"queue_type": "stream"}, "option queue_type must be one of"),
+        ({"queue_type": "quorum"}, "queue_type 'quorum' needs RabbitMQ"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(redis_url: str, options: dict[str, object], match: str) -> None:

@@ -61,6 +61,9 @@ class CeleryQueueBackend(QueueBackend):
     broker_url: ``amqp://...`` (RabbitMQ) or ``redis://...``.
     max_timeout (300), grace (5), retry_backoff (1), retry_backoff_max (60), defer_delay (0.5).
     max_deliveries: how many times a message may make its whole worker die before it is recorded failed (5).
+    queue_type: RabbitMQ only: ``"classic"`` (default, durable) or ``"quorum"`` (replicated over the RabbitMQ
+      cluster's nodes, so a queue survives the loss of a minority of them). A queue keeps the type it was
+      declared with: switching a running project means draining and deleting its queues first.
     transport_options: more kombu transport options (under the forced ones).
     """
 
@@ -74,6 +77,7 @@ class CeleryQueueBackend(QueueBackend):
         retry_backoff_max: float = 60.0,
         defer_delay: float = 0.5,
         max_deliveries: int = 5,
+        queue_type: str = "classic",
         transport_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(broker_url, str) or not broker_url:
@@ -87,6 +91,7 @@ class CeleryQueueBackend(QueueBackend):
         self.retry_backoff, self.retry_backoff_max = self.limits.retry_backoff, self.limits.retry_backoff_max
         self.defer_delay = self.limits.defer_delay
         self.max_deliveries = count(max_deliveries, "CeleryQueueBackend option max_deliveries", least=1)
+        self.queue_type = checked_queue_type(queue_type, broker_url)
         self.transport_options = dict(transport_options or {})
 
     @cached_property
@@ -107,7 +112,7 @@ class CeleryQueueBackend(QueueBackend):
     def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
         self.task.apply_async(
             args=(message.to_wire(),),
-            queue=celery_queue(full_channel),
+            queue=celery_queue(full_channel, self.queue_type),
             countdown=delay if delay > 0 else None,
             soft_time_limit=message.timeout + self.grace,
             time_limit=message.timeout + 2 * self.grace,
@@ -123,7 +128,7 @@ class CeleryQueueBackend(QueueBackend):
         passive declare on kombu's Redis transport ignores ``global_keyprefix`` and reports every queue missing.
         """
         with self.celery_app.connection_for_read() as connection:
-            declared = celery_queue(full_channel)(connection.default_channel).queue_declare()
+            declared = celery_queue(full_channel, self.queue_type)(connection.default_channel).queue_declare()
             return int(declared.message_count)
 
     def drain(self, timeout: float = 10.0) -> bool:
@@ -195,7 +200,9 @@ class CeleryQueueBackend(QueueBackend):
 
     def queues(self) -> list[Queue]:
         """The Celery queues of the subscribed channels (what a worker consumes)."""
-        return [celery_queue(self.manager.full_channel(channel)) for channel in self.manager.channels()]
+        return [
+            celery_queue(self.manager.full_channel(channel), self.queue_type) for channel in self.manager.channels()
+        ]
 
     # --- in the worker ----------------------------------------------------------------------------------------
     def run(self, task: Task, message: Message) -> None:
@@ -283,7 +290,24 @@ class CeleryQueueBackend(QueueBackend):
             raise Reject(exc, requeue=True) from exc  # the broker keeps this copy instead
 
 
+QUEUE_TYPES = ("classic", "quorum")
+
+
+def checked_queue_type(queue_type: object, broker_url: str) -> str:
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"CeleryQueueBackend option queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
+    if queue_type == "quorum" and is_redis(broker_url):
+        raise ValueError("CeleryQueueBackend option queue_type 'quorum' needs RabbitMQ; the broker is Redis")
+    return str(queue_type)
+
+
 @lru_cache(maxsize=1024)
-def celery_queue(full_channel: str) -> Queue:
-    """The durable queue of a channel, bound to a direct exchange of the same name (publisher and worker agree)."""
-    return Queue(full_channel, Exchange(full_channel, type="direct"), routing_key=full_channel, durable=True)
+def celery_queue(full_channel: str, queue_type: str = "classic") -> Queue:
+    """The durable queue of a channel, bound to a direct exchange of the same name (publisher and worker agree).
+
+    A quorum queue is declared with ``x-queue-type: quorum``; Celery sees it and turns off global QoS, which
+    quorum queues refuse.
+    """
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    exchange = Exchange(full_channel, type="direct")
+    return Queue(full_channel, exchange, routing_key=full_channel, durable=True, queue_arguments=arguments)
