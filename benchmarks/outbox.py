@@ -8,8 +8,9 @@ database. Each transaction inserts a row of the caller's (a ``tasks.Task``) and 
 - ``outbox``: ``app.event_queue.publish`` inside the transaction (an outbox row, relayed after the commit, and
   the worker's check for a second copy);
 
-one message per transaction, then batches of 100 per transaction. Printed per path: the publisher's time per
-message (transaction, commit and relay included), end-to-end throughput, and the outbox's added milliseconds
+one message per transaction, then batches of 100 per transaction; ``BENCH_OUTBOX_ROUNDS`` (4) rounds of
+``BENCH_OUTBOX_MESSAGES`` (1,000) per path, in mirrored order, medians printed. Printed per path: the publisher's
+time per message (transaction, commit and relay included), end-to-end throughput, and the outbox's added milliseconds
 per message and throughput ratio (goals: at most 0.5 ms added, at least 0.8 of the throughput).
 
 Needs PostgreSQL (``DATABASE_URL`` of a server where a database can be created, default
@@ -27,14 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from typing import Any  # noqa: E402
 from urllib.parse import urlsplit, urlunsplit  # noqa: E402
 
 from benchmarks.event_queue import BROKERS, ROOT, cleanup, client, done_key, reachable, start_worker  # noqa: E402
 
-N = int(os.environ.get("BENCH_OUTBOX_MESSAGES", "2000"))
+N = int(os.environ.get("BENCH_OUTBOX_MESSAGES", "1000"))
+ROUNDS = int(os.environ.get("BENCH_OUTBOX_ROUNDS", "4"))
 PATHS = ("on_commit", "outbox", "on_commit x100", "outbox x100")
 SERVER_URL = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
@@ -56,6 +60,7 @@ def env_for(name: str, broker_url: str) -> dict[str, str]:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "settings",
         "DJANGO_ENV": "",
+        "DJANGO_DEBUG": "false",  # as in production: DEBUG keeps every query in memory
         "NOCLUSTER_NAME": name,
         "BROKER_URL": broker_url,
         "DATABASE_URL": database_url(name),
@@ -65,42 +70,51 @@ def env_for(name: str, broker_url: str) -> dict[str, str]:
     }
 
 
+def run_path(queue: Any, path: str) -> dict[str, float]:
+    """Publish N messages on ``path`` (one or 100 per transaction) and wait until the worker ran them all."""
+    from django.db import transaction
+
+    from tasks.models import Task
+
+    batch = 100 if path.endswith("x100") else 1
+    outbox = path.startswith("outbox")
+    client().delete(done_key("event_queue"))
+    started = time.perf_counter()
+    for first in range(0, N, batch):
+        with transaction.atomic():
+            for i in range(first, first + batch):
+                Task.objects.create(title="bench", plugin="bench", channel="bench")
+                if outbox:
+                    queue.publish("bench", {"i": i}, timeout=15)
+                else:
+                    transaction.on_commit(lambda i=i: queue.publish("bench", {"i": i}, timeout=15))
+    published = time.perf_counter() - started
+    while client().llen(done_key("event_queue")) < N:
+        time.sleep(0.05)
+        if time.perf_counter() - started > 600:
+            raise RuntimeError(f"{path}: not every message ran")
+    total = time.perf_counter() - started
+    return {"ms_per_message": 1000 * published / N, "done_per_s": N / total}
+
+
 # --- the publishing side (a child process with the project's settings for this broker and database) -----
 def publish_and_wait() -> None:
     import django
 
     django.setup()
-    from django.db import transaction
-
     from benchmarks.event_queue import register, wait_for_worker
     from nocluster import app
-    from tasks.models import Task
 
     register()
     app.outbox.start()  # this node's relay, as on any started node
     wait_for_worker()
     queue = app.event_queue
-    figures: dict[str, dict[str, float]] = {}
-    for path in PATHS:
-        batch = 100 if path.endswith("x100") else 1
-        outbox = path.startswith("outbox")
-        client().delete(done_key("event_queue"))
-        started = time.perf_counter()
-        for first in range(0, N, batch):
-            with transaction.atomic():
-                for i in range(first, first + batch):
-                    Task.objects.create(title="bench", plugin="bench", channel="bench")
-                    if outbox:
-                        queue.publish("bench", {"i": i}, timeout=15)
-                    else:
-                        transaction.on_commit(lambda i=i: queue.publish("bench", {"i": i}, timeout=15))
-        published = time.perf_counter() - started
-        while client().llen(done_key("event_queue")) < N:
-            time.sleep(0.05)
-            if time.perf_counter() - started > 600:
-                raise RuntimeError(f"{path}: not every message ran")
-        total = time.perf_counter() - started
-        figures[path] = {"ms_per_message": 1000 * published / N, "done_per_s": N / total}
+    runs: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+    for round_ in range(ROUNDS):
+        # Mirrored order in every other round, so a path is not always measured first (or last) on a warm machine.
+        for path in PATHS if round_ % 2 == 0 else tuple(reversed(PATHS)):
+            runs[path].append(run_path(queue, path))
+    figures = {path: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for path, rows in runs.items()}
     app.outbox.stop()
     print(json.dumps(figures))
 
@@ -130,7 +144,10 @@ def run_broker(broker: str, url: str) -> dict[str, dict[str, float]]:
 
 
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
-    print(f"\n{broker}: {N} messages per path, each with a row of the caller's; 1 worker x 2 prefork processes")
+    print(
+        f"\n{broker}: {N} messages per path and round, {ROUNDS} rounds in mirrored order (medians), each with a row "
+        "of the caller's; 1 worker x 2 prefork processes"
+    )
     print(f"  {'path':<16} {'publisher ms/msg':>17} {'done/s':>8}")
     for path, row in figures.items():
         print(f"  {path:<16} {row['ms_per_message']:>17.3f} {row['done_per_s']:>8.0f}")

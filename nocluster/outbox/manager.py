@@ -28,11 +28,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings as django_settings
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Count, Min, Q, QuerySet
+from django.db.models import Count, Field, Min, Q, QuerySet
 from django.utils import timezone
 
 from nocluster.db import close_old_connections, relaxed_commit
@@ -105,6 +106,39 @@ def database_aliases(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# The columns add() writes; the others take their defaults from the model (set on the instance as well).
+INSERTED_FIELDS = ("app_name", "kind", "channel", "message_id", "origin", "body", "created", "attempts", "last_error")
+
+
+def insert_row(alias: str, row: OutboxMessage) -> None:
+    """``INSERT`` ``row`` on ``alias`` and set its id: one statement built once per model and database, as the
+    ORM's ``create()`` would send it, without the ORM's per-call compilation (about half of the outbox's cost per
+    message). Values go through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM
+    adapts them."""
+    connection = connections[alias]
+    values = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in inserted_fields()]
+    with connection.cursor() as cursor:
+        cursor.execute(insert_sql(alias), values)
+        row.pk = cursor.fetchone()[0] if connection.features.can_return_columns_from_insert else cursor.lastrowid
+
+
+@lru_cache(maxsize=1)
+def inserted_fields() -> list[Field[Any, Any]]:
+    by_name = {field.name: field for field in outbox_model()._meta.concrete_fields}
+    return [by_name[name] for name in INSERTED_FIELDS]
+
+
+@lru_cache(maxsize=8)
+def insert_sql(alias: str) -> str:
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    table = quote(outbox_model()._meta.db_table)
+    columns = ", ".join(quote(field.column) for field in inserted_fields())
+    placeholders = ", ".join(["%s"] * len(INSERTED_FIELDS))
+    returning = f" RETURNING {quote('id')}" if connection.features.can_return_columns_from_insert else ""
+    return f"INSERT INTO {table} ({columns}) VALUES ({placeholders}){returning}"  # noqa: S608
+
+
 class Outbox(Component):
     """The outbox of one node.
 
@@ -145,18 +179,16 @@ class Outbox(Component):
         Raises whatever the database raises (the caller's transaction is then broken, as with any write).
         """
         alias = using or DEFAULT_DB_ALIAS
-        row = (
-            outbox_model()
-            .objects.using(alias)
-            .create(
-                app_name=self.identity.name,
-                kind=kind,
-                channel=channel,
-                message_id=message_id,
-                origin=self.identity.instance_id,
-                body=body,
-            )
+        row = outbox_model()(
+            app_name=self.identity.name,
+            kind=kind,
+            channel=channel,
+            message_id=message_id,
+            origin=self.identity.instance_id,
+            body=body,
+            created=timezone.now(),
         )
+        insert_row(alias, row)
         self._databases.add(alias)
         committed = self._committed_rows(alias)
         committed.rows.append(row)
