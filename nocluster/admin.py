@@ -6,6 +6,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from nocluster import app
+from nocluster.admin_actions import GuardedActionsAdmin
 from nocluster.models import FailedMessage, InstalledPlugin, Node, OutboxMessage
 from nocluster.nodes import node_state
 
@@ -23,8 +24,8 @@ class InstalledPluginAdmin(admin.ModelAdmin):
 
 
 @admin.register(FailedMessage)
-class FailedMessageAdmin(admin.ModelAdmin):
-    """Event queue messages whose last try failed; the re-queue action publishes them again."""
+class FailedMessageAdmin(GuardedActionsAdmin):
+    """Event queue messages whose last try failed; the re-queue action (change permission) publishes them again."""
 
     list_display = ("channel", "message_id", "tries", "node", "short_error", "created")
     list_filter = ("channel", "node")
@@ -40,7 +41,7 @@ class FailedMessageAdmin(admin.ModelAdmin):
     def short_error(self, failed: FailedMessage) -> str:
         return failed.error.splitlines()[0][:120] if failed.error else ""
 
-    @admin.action(description="Re-queue selected messages")
+    @admin.action(description="Re-queue selected messages", permissions=["change"])
     def requeue(self, request: HttpRequest, queryset: QuerySet[FailedMessage]) -> None:
         done = 0
         for failed in queryset:

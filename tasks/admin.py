@@ -7,12 +7,13 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from nocluster.admin_actions import GuardedActionsAdmin
 from tasks import api
 from tasks.models import Task
 
 
 @admin.register(Task)
-class TaskAdmin(admin.ModelAdmin):
+class TaskAdmin(GuardedActionsAdmin):
     list_display = (
         "title",
         "plugin",
@@ -41,7 +42,7 @@ class TaskAdmin(admin.ModelAdmin):
         # The first 8 characters, as the logs print them; the whole id on hover and on the task's page.
         return format_html('<span title="{}">{}</span>', task.node, task.node[:8])
 
-    @admin.action(description="Cancel selected tasks (on whichever node runs them)")
+    @admin.action(description="Cancel selected tasks (on whichever node runs them)", permissions=["change"])
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
         cancelled = 0
         for task in queryset:
