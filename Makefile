@@ -22,6 +22,8 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
+# A development node: DEBUG on (the settings default is off), unless DJANGO_DEBUG says otherwise.
+run: export DJANGO_DEBUG ?= true
 run: setup
 	$(PY) manage.py migrate --noinput
 	@echo ""

@@ -1,4 +1,5 @@
-"""System checks on the ``NOCLUSTER`` setting: a wrong backend path fails ``manage.py check`` with its key."""
+"""System checks: a wrong ``NOCLUSTER`` backend path fails ``manage.py check`` with its key; the deployment checks
+(``check --deploy``) flag an event-queue Redis that would lose messages and the project's development secret key."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.core.checks import Error, Warning
 from django.utils.module_loading import import_string
 
@@ -52,3 +54,19 @@ def durability_check(queue: EventQueue) -> Callable[..., list[Warning]]:
         return [Warning(text, id="nocluster.W001") for text in found]
 
     return check_event_queue_durability
+
+
+def check_secret_key(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """``SECRET_KEY`` is still the project's committed development key (``settings.DEVELOPMENT_SECRET_KEY``)."""
+    development_key = getattr(settings, "DEVELOPMENT_SECRET_KEY", None)
+    if not development_key or development_key != settings.SECRET_KEY:
+        return []
+    return [
+        Error(
+            "SECRET_KEY is the development key committed with the project: anyone can forge sessions and "
+            "password-reset links with it",
+            hint="set DJANGO_SECRET_KEY to a long random value, e.g. python -c "
+            "'import secrets; print(secrets.token_urlsafe(50))'",
+            id="nocluster.E004",
+        )
+    ]

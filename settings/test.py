@@ -31,6 +31,9 @@ def run_id() -> str:
 
 RUN_ID = run_id()
 
+# Not the development key: node processes of the tests run with DEBUG off, as in production, and runnode refuses it.
+SECRET_KEY = env("DJANGO_SECRET_KEY", f"test-key-of-run-{RUN_ID}-shared-by-its-processes-never-for-production")
+
 TEST_DATABASE_URL = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_AMQP_URL = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")

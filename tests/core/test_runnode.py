@@ -7,11 +7,13 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
 
 from nocluster.models import Node
+from settings.base import DEVELOPMENT_SECRET_KEY
 from tests.core.test_commands import manage, one_line_error
 from tests.helpers import ROOT, free_port, wait_until
 
@@ -19,6 +21,13 @@ from tests.helpers import ROOT, free_port, wait_until
 def get(url: str) -> int:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.status
+
+
+def not_found_page(url: str) -> str:
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        urllib.request.urlopen(url, timeout=10)
+    assert excinfo.value.code == 404
+    return excinfo.value.read().decode()
 
 
 @pytest.mark.cluster
@@ -41,6 +50,10 @@ def test_runnode_serves_the_admin_registers_and_stops_gracefully(node_env: dict[
         # It serves the admin with its static files, and shows in the registry as a web node
         assert get(f"http://127.0.0.1:{port}/admin/login/") == 200
         assert get(f"http://127.0.0.1:{port}/static/admin/css/base.css") == 200
+        # With DJANGO_DEBUG unset, DEBUG is off: a 404 is the plain page, not Django's debug page with the URLconf
+        assert "DJANGO_DEBUG" not in env
+        page = not_found_page(f"http://127.0.0.1:{port}/nowhere/")
+        assert "Not Found" in page and "URLconf" not in page
         node = wait_until(lambda: Node.objects.filter(instance_id=ready["instance_id"]).first(), timeout=20)
         assert node.role == "web"
 
@@ -66,3 +79,16 @@ def test_runnode_refuses_bad_arguments_with_a_one_line_error(
     node_env: dict[str, str], args: list[str], message: str
 ) -> None:
     assert message in one_line_error(manage(node_env, "runnode", *args))
+
+
+def test_runnode_refuses_the_development_secret_key_when_debug_is_off(node_env: dict[str, str]) -> None:
+    env = {**node_env, "DJANGO_SECRET_KEY": DEVELOPMENT_SECRET_KEY}
+    error = one_line_error(manage(env, "runnode", "--bind", f"127.0.0.1:{free_port()}"))
+    assert "nocluster.E004" in error and "DJANGO_SECRET_KEY" in error
+
+
+def test_check_deploy_flags_the_development_secret_key(node_env: dict[str, str]) -> None:
+    flagged = manage({**node_env, "DJANGO_SECRET_KEY": DEVELOPMENT_SECRET_KEY}, "check", "--deploy")
+    assert flagged.returncode != 0 and "nocluster.E004" in flagged.stderr
+    # The run's own key (settings.test) is not the development one
+    assert "nocluster.E004" not in manage(node_env, "check", "--deploy").stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -35,6 +36,8 @@ def embedded_env(app_name: str) -> Iterator[dict[str, str]]:
         DATABASE_URL=f"sqlite:///{folder / 'db.sqlite3'}",
         NOCLUSTER_NAME=app_name,
         PYTHONUNBUFFERED="1",
+        # runnode refuses the committed development key with DEBUG off (the default), as an operator finds out.
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
     )
     migrate = subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, capture_output=True)
     assert migrate.returncode == 0, migrate.stderr.decode()

@@ -8,9 +8,11 @@ import sys
 import threading
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nocluster.app import app
+from nocluster.checks import check_secret_key
 
 
 def announce_ready() -> None:
@@ -24,6 +26,14 @@ def start_web_node(worker: object) -> None:
     """gunicorn's ``post_worker_init``: the worker is a forked child, so it starts its own consumers."""
     app.start(role="web")
     announce_ready()
+
+
+def refuse_development_key() -> None:
+    """With DEBUG off this node serves for real: it must not sign sessions with the committed development key."""
+    if settings.DEBUG:
+        return
+    for error in check_secret_key():
+        raise CommandError(f"{error.id}: {error.msg}; {error.hint} (or set DJANGO_DEBUG=true for development)")
 
 
 class Command(BaseCommand):
@@ -43,6 +53,7 @@ class Command(BaseCommand):
         host, _, port = options["bind"].rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise CommandError(f"--bind must be HOST:PORT, got {options['bind']!r}")
+        refuse_development_key()
         app.install_plugins()
         if options["no_http"]:
             self.run_consumers_only()
