@@ -27,13 +27,13 @@ def seconds(value: object, what: str, *, allow_zero: bool = False, most: float =
       ValueError: NaN, infinite, negative, zero when not allowed, or above ``most``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds (int or float), got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+        raise TypeError(f"{what} must be a number of seconds (int or float), got {shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # an int is finite, and may be too big for a float
+        raise ValueError(f"{what} must be a finite number of seconds, got {shown(value)}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+        raise ValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'} seconds, got {shown(value)}")
     if value > most:
-        raise ValueError(f"{what} must be at most {most:g} seconds, got {value!r}")
+        raise ValueError(f"{what} must be at most {most:g} seconds, got {shown(value)}")
     return float(value)
 
 
@@ -45,7 +45,13 @@ def optional_seconds(value: object, what: str, *, allow_zero: bool = False, most
 def count(value: object, what: str, *, least: int = 0, most: int = 1_000_000) -> int:
     """Return ``value`` if it is an ``int`` (not a ``bool``) in ``[least, most]``, else raise naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
+        raise TypeError(f"{what} must be an int, got {shown(value)}")
     if not least <= value <= most:
-        raise ValueError(f"{what} must be between {least} and {most}, got {value!r}")
+        raise ValueError(f"{what} must be between {least} and {most}, got {shown(value)}")
     return value
+
+
+def shown(value: object, longest: int = 40) -> str:
+    """``repr(value)``, cut in the middle when longer than ``longest`` (a 400-digit int, say)."""
+    text = repr(value)
+    return text if len(text) <= longest else f"{text[: longest // 2]}...{text[-longest // 4 :]}"

@@ -144,6 +144,18 @@ def wire_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], w
     return value
 
 
+def wire_number(data: dict[str, Any], name: str, what: str) -> float:
+    """``data[name]`` as a finite float (a time stamp, say), else :class:`MalformedMessage`."""
+    value = wire_field(data, name, (int, float), what)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise MalformedMessage(f"{what}: field {name!r} is too large") from None
+    if not math.isfinite(number):
+        raise MalformedMessage(f"{what}: field {name!r} must be a finite number, got {value!r}")
+    return number
+
+
 def wire_object(data: object, what: str) -> dict[str, Any]:
     """``data`` if it is a JSON object, else :class:`MalformedMessage`."""
     if not isinstance(data, dict):
@@ -204,7 +216,7 @@ class Envelope:
             message=wire_json(fields, "message", what),
             skip_self=wire_field(fields, "skip_self", bool, what),
             only_self=wire_field(fields, "only_self", bool, what),
-            sent_at=float(wire_field(fields, "sent_at", (int, float), what)),
+            sent_at=wire_number(fields, "sent_at", what),
             id=wire_id(fields, "id", what),
         )
 

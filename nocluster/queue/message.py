@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nocluster.durations import seconds
-from nocluster.envelope import JSON, validate_channel, wire_field, wire_id, wire_json, wire_object
+from nocluster.envelope import JSON, validate_channel, wire_field, wire_id, wire_json, wire_number, wire_object
 from nocluster.errors import InvalidChannel, MalformedMessage
 from nocluster.queue.signal import AbortSignal
 
@@ -81,11 +81,11 @@ class Message:
             payload=wire_json(fields, "payload", what),
             timeout=timeout,
             id=wire_id(fields, "id", what),
-            published_at=float(wire_field(fields, "published_at", (int, float), what)),
-            relayed=bool(fields.get("relayed") is True),
-            send_id=str(fields.get("send_id") or "")[:32],
-            settle_error=str(fields.get("settle_error") or ""),
-            settle_attempts=int(fields.get("settle_attempts") or 0),
+            published_at=wire_number(fields, "published_at", what),
+            relayed=fields.get("relayed") is True,
+            send_id=optional_text(fields, "send_id", what, 32),
+            settle_error=optional_text(fields, "settle_error", what, 100_000),
+            settle_attempts=optional_count(fields, "settle_attempts", what),
             **counts,
         )
 
@@ -139,3 +139,19 @@ class Context:
     @property
     def last_try(self) -> bool:
         return self.retried >= self.max_retries
+
+
+def optional_text(fields: dict[str, Any], name: str, what: str, longest: int) -> str:
+    """An optional str field ("" when absent), cut to ``longest`` characters."""
+    value = fields.get(name) or ""
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{what}: field {name!r} must be a str, got {type(value).__name__}")
+    return value[:longest]
+
+
+def optional_count(fields: dict[str, Any], name: str, what: str) -> int:
+    """An optional int field >= 0 (0 when absent)."""
+    value = fields.get(name) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise MalformedMessage(f"{what}: field {name!r} must be an int from 0 to 1000000, got {value!r}")
+    return value

@@ -97,3 +97,12 @@ def test_backend_durations_and_counts_are_checked_when_built(backend_path: str, 
     name = next(key for key in options if key != "url")
     with pytest.raises((ImproperlyConfigured, ValueError), match=name):
         load_backend("X", {"X": {"BACKEND": backend_path, "OPTIONS": options}})
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), float("inf"), float("nan"), True, "1"])
+def test_a_duration_beyond_any_float_or_not_a_number_is_refused_with_a_short_message(value: object) -> None:
+    from nocluster.durations import seconds
+
+    with pytest.raises((TypeError, ValueError), match=r"^queue timeout must be") as excinfo:
+        seconds(value, "queue timeout")
+    assert len(str(excinfo.value)) < 120

@@ -3,6 +3,7 @@ JSON-only wire. Runs on Redis and RabbitMQ; the connection is cut by a TCP proxy
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -17,6 +18,7 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from nocluster import Application, PublishError
+from nocluster.envelope import Envelope
 from tests.helpers import wait_until
 from tests.pubsub.test_contract import Inbox
 from tests.tcpproxy import TcpProxy
@@ -110,6 +112,42 @@ def test_a_non_json_message_on_the_wire_is_dropped_and_consuming_goes_on(
 
     # Then the pickle was refused (never unpickled) and logged
     assert any("undecodable" in record.getMessage() for record in caplog.records)
+
+
+def test_malformed_envelopes_on_the_wire_are_logged_once_each_and_the_consumer_keeps_running(
+    broker_url: str, kombu_app: Callable[..., Application], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a node consuming a plain and a debounced subscription over a real broker
+    node = kombu_app(broker_url)
+    plain, debounced = Inbox(), Inbox()
+    node.pub_sub_manager.subscribe("wire", plain)
+    node.pub_sub_manager.subscribe("wire", debounced, debounce=0.05)
+    node.pub_sub_manager.start()
+    full = node.pub_sub_manager.full_channel("wire")
+    valid = Envelope(publisher_id="someone", message="m").to_wire()
+    bad_bodies = [
+        json.dumps({**valid, "id": [1]}),  # a field of the wrong type
+        json.dumps({**valid, "message": {"x": float("nan")}}),  # NaN: Python's json writes and reads it
+        json.dumps({**valid, "message": "\ud800"}),  # a lone surrogate: json.dumps writes it as the text \\ud800
+        json.dumps([1, 2, 3]),  # not an object
+    ]
+
+    # When they are published raw on the channel's exchange, then a proper message follows
+    with caplog.at_level(logging.INFO, logger="nocluster.pubsub"), Connection(broker_url) as conn:
+        exchange = Exchange(full, type="fanout", durable=False)
+        producer = Producer(conn)
+        for body in bad_bodies:
+            producer.publish(
+                body, exchange=exchange, routing_key="", content_type="application/json",
+                content_encoding="utf-8", declare=[exchange],
+            )  # fmt: skip
+        kombu_app(broker_url).pub_sub_manager.publish("wire", "after")
+        wait_until(lambda: plain.items == ["after"] and debounced.items == ["after"], timeout=15)
+
+    # Then each bad one was logged once and dropped, and the consumer never restarted or reconnected
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if "malformed envelope" in m]) == len(bad_bodies), messages
+    assert not [m for m in messages if "restarting" in m or "reconnect" in m], messages
 
 
 def test_a_publisher_whose_connection_dropped_publishes_again_after_it_is_back(
