@@ -30,6 +30,7 @@ from nocluster.outbox import Outbox, OutboxSettings
 from nocluster.plugin import PluginRegistry
 from nocluster.pubsub import PubSubManager
 from nocluster.pubsub.debounce import Debouncer
+from nocluster.pubsub.manager import DEFAULT_MAX_MESSAGE_BYTES
 from nocluster.queue import EventQueue
 from nocluster.sync import SyncMessageManager
 
@@ -112,7 +113,8 @@ class Application:
 
     @cached_property
     def pub_sub_manager(self) -> PubSubManager:
-        return PubSubManager(self._identity(), load_backend("PUBSUB", self.config), self.debouncer)
+        limit = self.config.get("PUBSUB", {}).get("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+        return PubSubManager(self._identity(), load_backend("PUBSUB", self.config), self.debouncer, limit)
 
     @property
     def pubsub(self) -> PubSubManager:

@@ -27,6 +27,24 @@ MAX_DEPTH = 100
 MAX_ID_LENGTH = 64
 
 
+MAX_KEY_LENGTH = 1000
+
+
+def ensure_key(key: object, what: str) -> str:
+    """Return ``key`` if it is a usable lock or cache key: a non-empty str of at most :data:`MAX_KEY_LENGTH`
+    characters that UTF-8 can encode (no lone surrogate). Else ``ValueError`` naming ``what`` (e.g. ``"lock key"``).
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{what} must be a non-empty str, got {key!r}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"{what} must be at most {MAX_KEY_LENGTH} characters, got {len(key)}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {key!r} cannot be encoded as UTF-8 (lone surrogate)") from None
+    return key
+
+
 def validate_channel(channel: object) -> str:
     """Return ``channel`` if it is a usable channel name, else raise :class:`InvalidChannel`.
 

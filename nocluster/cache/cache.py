@@ -16,7 +16,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from nocluster.cache.stores import delete_prefix
 from nocluster.durations import seconds
-from nocluster.envelope import JSON, ensure_json
+from nocluster.envelope import JSON, ensure_json, ensure_key
 from nocluster.errors import LockAcquireError, LockNotOwned
 
 if TYPE_CHECKING:
@@ -60,9 +60,7 @@ class Cache:
 
     def full_key(self, key: str) -> str:
         """The store key of ``key``: ``"{app.name}:{prefix}:{key}"``; raises ``ValueError`` for a bad key."""
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"cache {self.name!r}: key must be a non-empty str, got {key!r}")
-        return self.namespace + key
+        return self.namespace + ensure_key(key, f"cache {self.name!r}: key")
 
     def _timeout(self, ttl: float | None) -> Any:
         if ttl is None:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from nocluster.durations import optional_seconds, seconds
+from nocluster.envelope import ensure_key
 from nocluster.errors import LockAcquireError
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
@@ -25,9 +26,7 @@ T = TypeVar("T")
 
 
 def _check_key(key: object) -> str:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"lock key must be a non-empty str, got {key!r}")
-    return key
+    return ensure_key(key, "lock key")
 
 
 class LockManager(Component):

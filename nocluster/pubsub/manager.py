@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nocluster.db import close_old_connections
-from nocluster.durations import seconds
+from nocluster.durations import count, seconds
 from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, validate_channel
 from nocluster.errors import MalformedMessage, PublishError
 from nocluster.identity import NodeIdentity
@@ -32,6 +32,8 @@ from nocluster.recent import RECENT_IDS, RecentIds
 logger = logging.getLogger("nocluster.pubsub")
 
 Callback = Callable[[Any], Any]
+# The largest message publish() sends, in bytes of its envelope on the wire (NOCLUSTER["PUBSUB"]["MAX_MESSAGE_BYTES"]).
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -47,12 +49,22 @@ class PubSubManager(Component):
       identity: the node (its ``name`` prefixes channels, its ``instance_id`` marks envelopes).
       backend: a :class:`~nocluster.pubsub.backend.PubSubBackend` built from ``NOCLUSTER["PUBSUB"]``.
       debouncer: runs debounced callbacks (shared with the sync messages); opened and stopped with this manager.
+      max_message_bytes: the largest envelope publish() sends (1 MiB); a larger message raises ``ValueError``.
     """
 
-    def __init__(self, identity: NodeIdentity, backend: PubSubBackend, debouncer: Debouncer) -> None:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        backend: PubSubBackend,
+        debouncer: Debouncer,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.identity = identity
         self.backend = backend
         self.debouncer = debouncer
+        self.max_message_bytes = count(
+            max_message_bytes, 'NOCLUSTER["PUBSUB"]["MAX_MESSAGE_BYTES"]', least=1024, most=512 * 1024 * 1024
+        )
         self._lock = threading.RLock()
         # Held across a subscription table change and the backend call it implies, so a subscribe racing an
         # unsubscribe of the same channel cannot leave a subscriber the backend no longer delivers to. Not
@@ -131,6 +143,7 @@ class PubSubManager(Component):
 
         Raises:
           TypeError: ``message`` is not JSON, or a flag is not a bool (the message names the channel).
+          ValueError: the message is larger than ``max_message_bytes`` on the wire (1 MiB by default).
           InvalidChannel: the channel name is empty or malformed.
           PublishError: the broker could not be reached.
         """
@@ -144,13 +157,25 @@ class PubSubManager(Component):
         if only_self:
             self._dispatch(channel, envelope)
             return envelope.id
+        body = dumps(envelope.to_wire())
+        self._check_size(channel, body)
         try:
-            self.backend.publish(full, dumps(envelope.to_wire()))
+            self.backend.publish(full, body)
         except PublishError:
             raise
         except Exception as exc:
             raise PublishError(f"channel {channel!r}: publish failed: {type(exc).__name__}: {exc}") from exc
         return envelope.id
+
+    def _check_size(self, channel: str, body: str) -> None:
+        if len(body) * 4 <= self.max_message_bytes:  # a character is at most 4 bytes in UTF-8
+            return
+        size = len(body.encode("utf-8"))
+        if size > self.max_message_bytes:
+            raise ValueError(
+                f"channel {channel!r}: the message is {size} bytes on the wire, more than the "
+                f'{self.max_message_bytes} that NOCLUSTER["PUBSUB"]["MAX_MESSAGE_BYTES"] allows'
+            )
 
     def on_reconnect(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` each time the backend reconnects (not on the first connect): messages may have

@@ -109,6 +109,12 @@ def test_cluster_lists_registered_nodes(cluster_env: dict[str, str]) -> None:
         (["publish", "nobody.listens", "[1]", "--queue"], None, "has no subscriber"),
         (["publish", "news", "[1]", "--timeout", "3"], None, "apply to --queue messages only"),
         (["publish", QUEUE_CHANNEL, "[1]", "--queue", "--timeout", "-1"], None, "timeout must be"),
+        (["publish", QUEUE_CHANNEL, "[1]", "--queue", "--timeout", "nan"], None, "timeout must be a finite number"),
+        (["publish", QUEUE_CHANNEL, "[1]", "--queue", "--max-retries", str(10**30)], None, "max_retries must be"),
+        (["publish", "news", "-"], "[" * 10_000 + "]" * 10_000, "nested too deeply"),
+        (["publish", "news", "-"], "[" * 150 + "]" * 150, "is nested deeper than 100 levels"),
+        (["publish", "news", '"\\ud800"'], None, "cannot be encoded as UTF-8"),
+        (["publish", "news", "-"], json.dumps("x" * 1_100_000), 'NOCLUSTER["PUBSUB"]["MAX_MESSAGE_BYTES"]'),
     ],
 )
 def test_publish_refuses_bad_input_with_a_one_line_error(

@@ -59,6 +59,8 @@ class Command(BaseCommand):
             return json.loads(text)
         except ValueError as exc:
             raise CommandError(f"payload is not JSON: {exc}") from exc
+        except RecursionError:
+            raise CommandError("payload is nested too deeply to read (at most 100 levels are sent)") from None
 
     def sender(self, channel: str, options: dict[str, Any]) -> Any:
         if options["queue"]:
