@@ -21,3 +21,7 @@ class RecentIds:
         if len(self._ids) > self.size:
             del self._ids[next(iter(self._ids))]
         return False
+
+    def contains(self, message_id: str) -> bool:
+        """True if ``message_id`` is among the remembered ids (without remembering it)."""
+        return message_id in self._ids

@@ -73,6 +73,9 @@ class PubSubManager(Component):
         self._subscriptions: dict[str, dict[Callback, Subscription]] = {}
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._recent = RecentIds(RECENT_IDS)
+        # Ids this instance published, to notice an envelope that claims this instance's id without coming from it.
+        self._published = RecentIds(RECENT_IDS)
+        self._published_lock = threading.Lock()
         self.markers = markers.MarkerBox()
         self.started = False
         backend.attach(self, identity.name)
@@ -159,6 +162,9 @@ class PubSubManager(Component):
             return envelope.id
         body = dumps(envelope.to_wire())
         self._check_size(channel, body)
+        if publisher == self.identity.instance_id:
+            with self._published_lock:
+                self._published.seen(envelope.id)
         try:
             self.backend.publish(full, body)
         except PublishError:
@@ -166,6 +172,17 @@ class PubSubManager(Component):
         except Exception as exc:
             raise PublishError(f"channel {channel!r}: publish failed: {type(exc).__name__}: {exc}") from exc
         return envelope.id
+
+    def _check_own_id(self, channel: str, envelope: Envelope) -> None:
+        """Log an envelope that claims to come from this instance but was not published here. The broker trusts
+        whoever can publish to it; this only makes an impostor, or a misconfigured copy of a node, visible."""
+        with self._published_lock:
+            ours = self._published.contains(envelope.id)
+        if not ours:
+            logger.warning(
+                "channel %r: message %s claims to come from this instance (%s) but was not published here",
+                channel, envelope.id, self.identity.instance_id, extra={"channel": channel},
+            )  # fmt: skip
 
     def _check_size(self, channel: str, body: str) -> None:
         if len(body) * 4 <= self.max_message_bytes:  # a character is at most 4 bytes in UTF-8
@@ -237,8 +254,10 @@ class PubSubManager(Component):
             return
         try:
             envelope = Envelope.from_wire(data)
-            if envelope.skip_self and envelope.publisher_id == self.identity.instance_id:
-                return
+            if envelope.publisher_id == self.identity.instance_id:
+                self._check_own_id(channel, envelope)
+                if envelope.skip_self:
+                    return
             if self._recent.seen(envelope.id):
                 # RabbitMQ delivers again what was unacknowledged when a connection dropped.
                 logger.debug("channel %r: duplicate %s dropped on %s", channel, envelope.id, self.identity.instance_id)

@@ -3,10 +3,14 @@ stream of equal messages that still gets through."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import pytest
+
 from nocluster import Application
+from nocluster.envelope import Envelope
 from nocluster.pubsub.debounce import MAX_WAIT_FACTOR, Debouncer
 from nocluster.testing import drain
 from tests.pubsub.test_contract import Inbox
@@ -63,3 +67,25 @@ def test_stop_drops_pending_calls_and_joins_the_thread() -> None:
     # And a push after stop is dropped, not queued for a thread that would start again
     debouncer.push("key", 0.01, lambda: calls.append(2))
     assert debouncer.idle() and debouncer._thread is None
+
+
+def test_a_message_claiming_this_instance_s_id_without_coming_from_it_is_logged(
+    app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, other = local_app(app_name), local_app(app_name)
+    inbox = Inbox()
+    node.pub_sub_manager.subscribe("c", inbox)
+    node.pub_sub_manager.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nocluster.pubsub"):
+            # Its own message, sent to itself too: not suspicious
+            node.pub_sub_manager.publish("c", "mine", skip_self=False)
+            # Another instance that puts this instance's id on its envelope
+            forged = Envelope(publisher_id=node.instance_id, message="forged", skip_self=False)
+            other.pub_sub_manager.backend.publish(node.pub_sub_manager.full_channel("c"), forged.to_json())
+            drain(node, other)
+        claims = [r.getMessage() for r in caplog.records if "claims to come from this instance" in r.getMessage()]
+        assert len(claims) == 1 and forged.id in claims[0]
+        assert sorted(inbox.items) == ["forged", "mine"]  # delivered all the same: the broker's users are trusted
+    finally:
+        node.pub_sub_manager.stop()
