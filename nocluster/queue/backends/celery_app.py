@@ -128,5 +128,7 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         # (close_old_connections: CONN_MAX_AGE and unusable connections), so Celery's closing is turned off.
         CELERY_DB_REUSE_MAX=DB_REUSE_MAX,
         task_default_queue=f"{app_name}.celery",
+        # Reconnects to the broker every second at most, instead of Celery's 2, 4, 6... up to 30 s.
+        worker_consumer="nocluster.queue.backends.celery_worker:QuickReconnectConsumer",
     )
     return celery_app

@@ -1,5 +1,6 @@
 """What runs in the Celery worker for :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`: the one task,
-the queue selection when the worker starts, and the settling of tries that never came back.
+the queue selection when the worker starts, the settling of tries that never came back, and a consumer that
+reconnects to its broker quickly.
 
 Each is bound to its backend (no lookup of a global application): :func:`install` registers the task on the
 backend's own Celery app and connects the signal handlers, which ignore every other Celery app of the process.
@@ -7,6 +8,7 @@ backend's own Celery app and connects the signal handlers, which ignore every ot
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import Celery, Task, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.worker.consumer import Consumer
 
 from nocluster.errors import MalformedMessage
 from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
@@ -27,6 +30,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = "nocluster.queue.deliver"
+# Seconds between the worker's attempts to reach its broker again: the first after RECONNECT_STEP, each later one
+# RECONNECT_STEP longer, at most RECONNECT_MAX apart (Celery leaves kombu's 2 s, +2 s, at most 30 s).
+RECONNECT_STEP = 0.2
+RECONNECT_MAX = 1.0
+
+
+class QuickReconnectConsumer(Consumer):
+    """Celery's worker consumer, retrying its broker connection every second at most instead of kombu's default
+    2, 4, 6... up to 30 s, so a worker is back to work about a second after its broker is (Celery has no setting
+    for these intervals: it calls ``Connection.ensure_connection`` with kombu's defaults)."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=RECONNECT_STEP, interval_step=RECONNECT_STEP,
+            interval_max=RECONNECT_MAX,
+        )  # fmt: skip
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # the instance attribute only: the method shows through again
 
 
 class WorkerBackend(Protocol):
