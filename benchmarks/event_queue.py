@@ -251,13 +251,28 @@ def cleanup(name: str, url: str) -> None:
 
     try:
         with Connection(url) as conn:
-            for queue in (f"{name}.raw", f"{name}.bench", f"{name}.celery"):
-                Queue(queue)(conn.default_channel).delete()
+            for queue in ("raw", "bench", "celery", *plugin_channels()):
+                Queue(f"{name}.{queue}")(conn.default_channel).delete()
     except Exception as exc:
         print(f"  (queues of {name} not deleted: {exc})")
     redis_client = redis.Redis.from_url(REDIS_URL)
     for key in redis_client.scan_iter(match=f"{name}:*", count=500):
         redis_client.delete(key)
+    # kombu's Redis transport lists expiring bindings in one shared sorted set: drop this project's members.
+    members = [m for m, _ in redis_client.zscan_iter("_kombu.binding_deadlines", match=f"{name}.*", count=500)]
+    if members:
+        redis_client.zrem("_kombu.binding_deadlines", *members)
+
+
+def plugin_channels() -> list[str]:
+    """The event-queue channels the project's plugins subscribe (its worker declares a queue for each)."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+    django.setup()  # loads the plugins, which only registers: no connection is opened
+    from nocluster import app
+
+    return app.event_queue.channels()
 
 
 if __name__ != "__main__" and os.environ.get("BENCH_QUEUE_ROLE") == "worker":
