@@ -80,6 +80,40 @@ def test_a_node_whose_connection_drops_reconnects_rebinds_and_resyncs(
         assert news.items in (["before", "after"], ["before", "while cut", "after"])
 
 
+def test_a_node_receives_again_soon_after_its_broker_is_back(
+    broker_url: str, proxy: TcpProxy, kombu_app: Callable[..., Application], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a subscriber behind the proxy whose broker stays unreachable until its retries have backed off fully
+    publisher, subscriber = kombu_app(broker_url), kombu_app(proxy.url(broker_url))
+    news = Inbox()
+    subscriber.pub_sub_manager.subscribe("news", news)
+    for node in (publisher, subscriber):
+        node.pub_sub_manager.start()
+    with caplog.at_level(logging.WARNING, logger="nocluster.pubsub"):
+        proxy.cut()
+        wait_until(
+            lambda: sum("broker unreachable" in record.getMessage() for record in caplog.records) >= 6,
+            timeout=60, interval=0.1, message="six failed reconnects",
+        )  # fmt: skip
+
+    # When the broker is reachable again, and messages are published every 50 ms from then on
+    proxy.restore()
+    back_at = time.monotonic()
+    sent = 0
+
+    def received_one() -> bool:
+        nonlocal sent
+        publisher.pub_sub_manager.publish("news", f"after {sent}")
+        sent += 1
+        return bool(news.items)
+
+    # Then the node receives again within about a second (its longest retry wait is 1 s, reconnect_interval_max)
+    wait_until(received_one, timeout=30, interval=0.05, message="a message after the restore")
+    took = time.monotonic() - back_at
+    print(f"{broker_url.split(':')[0]}: node receiving again {took:.2f} s after the broker was back")
+    assert took < 4.0
+
+
 def test_publishing_to_an_unreachable_broker_raises_publish_error_naming_the_channel(
     broker_url: str, kombu_app: Callable[..., Application]
 ) -> None:

@@ -62,7 +62,8 @@ class KombuPubSubBackend(PubSubBackend):
     url: broker URL, ``amqp://...`` or ``redis://...``.
     heartbeat: liveness interval, seconds: the AMQP heartbeat, or on Redis how often the consumer pings itself
       (a dead connection is noticed within about twice this).
-    reconnect_interval_max: longest wait between reconnect attempts, seconds (backoff from 0.2 s).
+    reconnect_interval_max: longest wait between reconnect attempts, seconds (default 1; backoff from 0.2 s), so a
+      node receives again about a second after its broker is back.
     connect_timeout: how long ``connect()`` waits for the first binding, seconds (it keeps retrying after).
     queue_expires: RabbitMQ/Redis queue expiry after its consumer is gone, seconds.
     max_length: RabbitMQ: most messages kept for a slow node (older ones are dropped, then resynced).
@@ -75,7 +76,7 @@ class KombuPubSubBackend(PubSubBackend):
         *,
         url: str,
         heartbeat: float = 10.0,
-        reconnect_interval_max: float = 2.0,
+        reconnect_interval_max: float = 1.0,
         connect_timeout: float = 10.0,
         queue_expires: float = 60.0,
         max_length: int = 100_000,
