@@ -48,6 +48,11 @@ class TcpProxy:
         parts = urlsplit(url)
         return cls(parts.hostname or "127.0.0.1", parts.port or default_port)
 
+    @classmethod
+    def for_broker(cls, url: str) -> TcpProxy:
+        """A proxy to the broker of ``url``: Redis (default port 6379) or RabbitMQ (5672)."""
+        return cls.for_url(url, 6379 if url.startswith("redis") else 5672)
+
     def url(self, url: str) -> str:
         """``url`` with its host:port replaced by this proxy's."""
         parts = urlsplit(url)

@@ -19,8 +19,8 @@ from plugins.async_task_manager.jobs import checksum
 from tasks import api as tasks
 from tasks.models import Task
 from tests.conftest import unique_name
-from tests.helpers import NodeProcess, stop_nodes, wait_until
-from tests.pubsub.test_nodes import SCENARIO, in_sync, received
+from tests.helpers import NodeProcess, wait_until
+from tests.pubsub.test_nodes import in_sync, nodes_behind_proxies, received
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.workers import start_workers, stop_workers
 from tests.tcpproxy import TcpProxy
@@ -29,10 +29,6 @@ pytestmark = pytest.mark.cluster
 
 CUT_SECONDS = 30.0
 COMMITTED, ROLLED_BACK = 180, 20  # per kind (tasks and plain messages): 200 published in transactions each
-
-
-def broker_port(url: str) -> int:
-    return 6379 if url.startswith("redis") else 5672
 
 
 @pytest.fixture
@@ -44,7 +40,7 @@ def cut_clusters(
     made: list[tuple[Cluster, TcpProxy, str]] = []
     try:
         for broker, url in (("redis", redis_url), ("amqp", amqp_url)):
-            proxy = TcpProxy.for_url(url, broker_port(url))
+            proxy = TcpProxy.for_broker(url)
             name = unique_name("cut")
             env = cluster_env(name, proxy.url(url), worker_database_url, redis_url)
             publisher = celery_publisher(name, proxy.url(url))
@@ -121,16 +117,8 @@ def four_nodes(
     request: pytest.FixtureRequest, node_env: dict[str, str]
 ) -> Iterator[tuple[list[NodeProcess], list[TcpProxy]]]:
     url = request.getfixturevalue("redis_url" if request.param == "redis" else "amqp_url")
-    proxies = [TcpProxy.for_url(url, broker_port(url)) for _ in range(4)]
-    nodes = [NodeProcess(SCENARIO, env={**node_env, "PUBSUB_URL": proxy.url(url)}).spawn() for proxy in proxies]
-    try:
-        for node in nodes:
-            node.wait_ready(90)
-        yield nodes, proxies
-    finally:
-        stop_nodes(nodes)
-        for proxy in proxies:
-            proxy.close()
+    with nodes_behind_proxies(node_env, url, 4) as made:
+        yield made
 
 
 def test_a_sync_message_and_another_callback_of_one_transaction_survive_a_broker_cut_at_commit(

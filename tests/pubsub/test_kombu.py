@@ -28,7 +28,7 @@ KOMBU = "nocluster.pubsub.backends.kombu.KombuPubSubBackend"
 
 @pytest.fixture
 def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    with TcpProxy.for_url(broker_url, 6379 if broker_url.startswith("redis") else 5672) as tcp_proxy:
+    with TcpProxy.for_broker(broker_url) as tcp_proxy:
         yield tcp_proxy
 
 

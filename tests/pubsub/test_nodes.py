@@ -6,6 +6,7 @@ One set of nodes per broker serves every check, to keep the wall time low.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,9 +19,12 @@ from tests.tcpproxy import TcpProxy
 SCENARIO = "tests.pubsub.scenario:handle"
 
 
-@pytest.fixture
-def proxied_nodes(node_env: dict[str, str], broker_url: str) -> Iterator[tuple[list[NodeProcess], list[TcpProxy]]]:
-    proxies = [TcpProxy.for_url(broker_url, 6379 if broker_url.startswith("redis") else 5672) for _ in range(3)]
+@contextlib.contextmanager
+def nodes_behind_proxies(
+    node_env: dict[str, str], broker_url: str, count: int
+) -> Iterator[tuple[list[NodeProcess], list[TcpProxy]]]:
+    """``count`` scenario nodes, each reaching the pub/sub broker through a TCP proxy of its own."""
+    proxies = [TcpProxy.for_broker(broker_url) for _ in range(count)]
     nodes = [NodeProcess(SCENARIO, env={**node_env, "PUBSUB_URL": proxy.url(broker_url)}).spawn() for proxy in proxies]
     try:
         for node in nodes:
@@ -30,6 +34,12 @@ def proxied_nodes(node_env: dict[str, str], broker_url: str) -> Iterator[tuple[l
         stop_nodes(nodes)
         for proxy in proxies:
             proxy.close()
+
+
+@pytest.fixture
+def proxied_nodes(node_env: dict[str, str], broker_url: str) -> Iterator[tuple[list[NodeProcess], list[TcpProxy]]]:
+    with nodes_behind_proxies(node_env, broker_url, 3) as made:
+        yield made
 
 
 def received(node: NodeProcess, key: str) -> list[Any]:

@@ -27,7 +27,7 @@ BACK_TO_WORK = 4.0
 
 @pytest.fixture
 def cut_worker(broker_url: str, worker_database_url: str, redis_url: str) -> Iterator[tuple[Cluster, TcpProxy]]:
-    proxy = TcpProxy.for_url(broker_url, 6379 if broker_url.startswith("redis") else 5672)
+    proxy = TcpProxy.for_broker(broker_url)
     name = unique_name("rc")
     env = cluster_env(name, proxy.url(broker_url), worker_database_url, redis_url)
     cluster = Cluster(
