@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from nocluster.durations import shown
 from nocluster.errors import InvalidChannel, MalformedMessage
 
 JSON: TypeAlias = "dict[str, JSON] | list[JSON] | str | int | float | bool | None"
@@ -35,7 +36,7 @@ def ensure_key(key: object, what: str) -> str:
     characters that UTF-8 can encode (no lone surrogate). Else ``ValueError`` naming ``what`` (e.g. ``"lock key"``).
     """
     if not isinstance(key, str) or not key:
-        raise ValueError(f"{what} must be a non-empty str, got {key!r}")
+        raise ValueError(f"{what} must be a non-empty str, got {shown(key)}")
     if len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"{what} must be at most {MAX_KEY_LENGTH} characters, got {len(key)}")
     try:

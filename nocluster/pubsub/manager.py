@@ -175,12 +175,15 @@ class PubSubManager(Component):
 
     def _check_own_id(self, channel: str, envelope: Envelope) -> None:
         """Log an envelope that claims to come from this instance but was not published here. The broker trusts
-        whoever can publish to it; this only makes an impostor, or a misconfigured copy of a node, visible."""
+        whoever can publish to it; this only makes an impostor, or a misconfigured copy of a node, visible. (Another
+        node's outbox relay may also send a row of this node's that this node was too slow to send: rare, and
+        named in the log line.)"""
         with self._published_lock:
             ours = self._published.contains(envelope.id)
         if not ours:
             logger.warning(
-                "channel %r: message %s claims to come from this instance (%s) but was not published here",
+                "channel %r: message %s claims to come from this instance (%s) but was not published here "
+                "(an impostor, or another node's outbox relaying a message of this one)",
                 channel, envelope.id, self.identity.instance_id, extra={"channel": channel},
             )  # fmt: skip
 

@@ -145,6 +145,8 @@ def test_quorum_queues_on_rabbitmq_carry_work_and_retries(
         wait_until(lambda: of(quorum.events("echo"), echo), timeout=30)
         quorum.drain()
         assert [event["retried"] for event in of(quorum.events("flaky"), flaky)] == [0, 1]
+        # And the worker saw it and turned global QoS off, which quorum queues refuse
+        assert "Global QoS is disabled" in quorum.workers[0].log_text()
         # And the channel's queue is a quorum queue: RabbitMQ refuses to declare it classic
         with Connection(amqp_url) as connection, pytest.raises(PreconditionFailed, match="x-queue-type"):
             connection.default_channel.queue_declare(

@@ -32,7 +32,9 @@ def refuse_development_key() -> None:
     """With DEBUG off this node serves for real: it must not sign sessions with the committed development key."""
     if settings.DEBUG:
         return
-    for error in check_secret_key():
+    errors = check_secret_key()
+    if errors:
+        error = errors[0]
         raise CommandError(f"{error.id}: {error.msg}; {error.hint} (or set DJANGO_DEBUG=true for development)")
 
 
