@@ -138,6 +138,9 @@ NOCLUSTER: dict[str, Any] = {
                 "defer_delay": float(env("NOCLUSTER_QUEUE_DEFER_DELAY", "0.5")),
                 # RabbitMQ: "classic" or "quorum" (replicated) queues.
                 "queue_type": env("NOCLUSTER_QUEUE_TYPE", "classic"),
+                # Redis: a worker silent for gone_after seconds is gone; its messages go back on their queues.
+                "heartbeat": float(env("NOCLUSTER_HEARTBEAT", "5")),
+                "gone_after": float(env("NOCLUSTER_NODE_GONE_AFTER", "15")),
             },
         }
         if BROKER_URL

@@ -13,8 +13,10 @@ subscribed channel. Messages stay ordinary Celery messages (JSON, one positional
   without counting a retry.
 - a pool process killed mid-task (SIGKILL, OOM, ``os._exit``): Celery runs the message again
   (``task_retry_on_worker_lost``), ``max_deliveries`` times in all, then it is recorded as failed. A whole worker
-  killed: the broker delivers it again (RabbitMQ at once, Redis after the visibility timeout); a message whose
-  worker died ``max_deliveries`` times is recorded as failed instead of run once more. No poison loop either way.
+  killed: the broker delivers it again (RabbitMQ at once; on Redis a live worker puts it back about
+  ``gone_after`` + ``heartbeat`` seconds later, :mod:`.gone_workers`, the visibility timeout being the last
+  resort); a message whose worker died ``max_deliveries`` times is recorded as failed instead of run once more.
+  No poison loop either way.
 - a try whose failed record cannot be written (the database is down) is kept: the message goes back to the
   broker with a growing delay (up to ``retry_backoff_max``) and only its settling is tried again.
 """
@@ -34,11 +36,18 @@ from django.db import transaction
 from django.db.models import F
 from kombu import Exchange, Queue
 
-from nocluster.durations import count
+from nocluster.durations import count, seconds
 from nocluster.errors import UnknownChannel
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.backends import celery_worker
 from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
+from nocluster.queue.backends.gone_workers import (
+    GoneWorkers,
+    Liveness,
+    held_deliveries,
+    plain_client,
+    worker_transport_options,
+)
 from nocluster.queue.message import Message, Subscription
 from nocluster.queue.slots import node_slot
 
@@ -64,8 +73,13 @@ class CeleryQueueBackend(QueueBackend):
     queue_type: RabbitMQ only: ``"classic"`` (default, durable) or ``"quorum"`` (replicated over the RabbitMQ
       cluster's nodes, so a queue survives the loss of a minority of them). A queue keeps the type it was
       declared with: switching a running project means draining and deleting its queues first.
+    heartbeat (5), gone_after (15): Redis only: a worker beats every ``heartbeat`` seconds, and one silent for
+      ``gone_after`` is gone: a live worker puts the messages it held back on their queues (``NOCLUSTER["NODES"]``).
     transport_options: more kombu transport options (under the forced ones).
     """
+
+    # Redis, in a worker's main process: its beat and the restore of gone workers' messages (set when it starts).
+    gone_workers: GoneWorkers | None = None
 
     def __init__(
         self,
@@ -78,6 +92,8 @@ class CeleryQueueBackend(QueueBackend):
         defer_delay: float = 0.5,
         max_deliveries: int = 5,
         queue_type: str = "classic",
+        heartbeat: float = 5.0,
+        gone_after: float = 15.0,
         transport_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(broker_url, str) or not broker_url:
@@ -92,6 +108,7 @@ class CeleryQueueBackend(QueueBackend):
         self.defer_delay = self.limits.defer_delay
         self.max_deliveries = count(max_deliveries, "CeleryQueueBackend option max_deliveries", least=1)
         self.queue_type = checked_queue_type(queue_type, broker_url)
+        self.liveness = checked_liveness(heartbeat, gone_after)
         self.transport_options = dict(transport_options or {})
 
     @cached_property
@@ -159,8 +176,7 @@ class CeleryQueueBackend(QueueBackend):
             return True
         if workers is None:
             with self.celery_app.connection_for_read() as connection:
-                channel = connection.default_channel
-                return bool(channel.client.hlen(channel.unacked_key))
+                return bool(held_deliveries(*plain_client(connection)))
         if not workers:
             return False
         inspect = self.celery_app.control.inspect(destination=workers, limit=len(workers), timeout=2.0)
@@ -205,6 +221,21 @@ class CeleryQueueBackend(QueueBackend):
         ]
 
     # --- in the worker ----------------------------------------------------------------------------------------
+    def track_deliveries(self) -> GoneWorkers | None:
+        """In a worker's main process, before it connects (Redis only): keep its deliveries in hashes of its own
+        and return its :class:`~.gone_workers.GoneWorkers` (started once the worker is ready)."""
+        if not is_redis(self.broker_url):
+            return None
+        instance_id = self.manager.identity.instance_id
+        conf = self.celery_app.conf
+        conf.broker_transport_options = {**conf.broker_transport_options, **worker_transport_options(instance_id)}
+        self.gone_workers = GoneWorkers(
+            lambda options: self.celery_app.connection_for_write(transport_options=options), instance_id,
+            self.liveness,
+        )  # fmt: skip
+        self.gone_workers.register()
+        return self.gone_workers
+
     def run(self, task: Task, message: Message) -> None:
         """Run one delivery in a pool process: idle and concurrency gates, then the try, then settle it."""
         node = str(task.request.hostname or f"{os.getpid()}@{socket.gethostname()}")
@@ -291,6 +322,19 @@ class CeleryQueueBackend(QueueBackend):
 
 
 QUEUE_TYPES = ("classic", "quorum")
+
+
+def checked_liveness(heartbeat: object, gone_after: object) -> Liveness:
+    liveness = Liveness(
+        seconds(heartbeat, "CeleryQueueBackend option heartbeat"),
+        seconds(gone_after, "CeleryQueueBackend option gone_after"),
+    )
+    if liveness.heartbeat >= liveness.gone_after:
+        raise ValueError(
+            "CeleryQueueBackend needs heartbeat < gone_after (seconds), "
+            f"got {liveness.heartbeat}, {liveness.gone_after}"
+        )
+    return liveness
 
 
 def checked_queue_type(queue_type: object, broker_url: str) -> str:

@@ -1,6 +1,6 @@
 """What runs in the Celery worker for :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`: the one task,
-the queue selection when the worker starts, the settling of tries that never came back, and a consumer that
-reconnects to its broker quickly.
+the queue selection when the worker starts, the settling of tries that never came back, a consumer that
+reconnects to its broker quickly, and on Redis the restore of gone workers' messages (:mod:`.gone_workers`).
 
 Each is bound to its backend (no lookup of a global application): :func:`install` registers the task on the
 backend's own Celery app and connects the signal handlers, which ignore every other Celery app of the process.
@@ -20,6 +20,7 @@ from celery.worker.consumer import Consumer
 
 from nocluster.errors import MalformedMessage
 from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
+from nocluster.queue.backends.gone_workers import GoneWorkers
 from nocluster.queue.message import Message
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ class WorkerBackend(Protocol):
 
     manager: QueueListener
     max_deliveries: int
+    gone_workers: GoneWorkers | None
+
+    def track_deliveries(self) -> GoneWorkers | None:
+        """Before the worker connects (Redis only): keep its deliveries apart; its beat and restore of gone ones."""
+        ...
 
     def queues(self) -> list[Queue]:
         """The Celery queues of the subscribed channels."""
@@ -88,6 +94,8 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
     uid = f"nocluster.queue.{id(backend)}"
     signals.celeryd_after_setup.connect(_consume(backend, celery_app), weak=False, dispatch_uid=f"{uid}.consume")
     signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
+    signals.worker_ready.connect(_watch_gone(backend, celery_app, True), weak=False, dispatch_uid=f"{uid}.ready")
+    signals.worker_shutdown.connect(_watch_gone(backend, celery_app, False), weak=False, dispatch_uid=f"{uid}.down")
 
 
 def _consume(backend: WorkerBackend, celery_app: Celery) -> Any:
@@ -101,9 +109,21 @@ def _consume(backend: WorkerBackend, celery_app: Celery) -> Any:
         # Celery fetches countdown (ETA) messages beyond the prefetch window; cap what the worker holds so the
         # visibility timeout covers every held message (read by the consumer when it starts, after this).
         celery_app.conf.worker_eta_task_limit = HELD_PER_PROCESS * int(instance.concurrency or 1)
+        backend.track_deliveries()
         logger.info("worker %s consumes event queue channels: %s", sender, ", ".join(q.name for q in queues) or "-")
 
     return consume_subscribed_channels
+
+
+def _watch_gone(backend: WorkerBackend, celery_app: Celery, start: bool) -> Any:
+    def start_or_stop(sender: Any = None, **kwargs: Any) -> None:
+        """Worker main process: once ready, beat and restore gone workers' messages; stop when it has stopped."""
+        gone = backend.gone_workers
+        if gone is None or getattr(sender, "app", None) is not celery_app:
+            return
+        gone.start() if start else gone.stop()
+
+    return start_or_stop
 
 
 def _settle_lost(backend: WorkerBackend, celery_app: Celery) -> Any:
