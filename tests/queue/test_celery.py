@@ -97,7 +97,7 @@ def test_a_message_that_keeps_ending_its_process_is_recorded_failed(cluster: Clu
 def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
     amqp_cluster: Cluster, transactional_db: None
 ) -> None:
-    cluster = amqp_cluster  # Redis hands a dead worker's message out again only after the visibility timeout
+    cluster = amqp_cluster  # on Redis: tests/queue/test_gone_workers.py (workers gone after 3 s)
     # Given work that kills its whole worker (main process and pool) every time, on a supervised cluster
     message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=6)
 
