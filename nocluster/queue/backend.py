@@ -8,6 +8,7 @@ happens next (done, retry through :meth:`QueueBackend.publish` with a delay, or 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol
 
 from nocluster.identity import NodeIdentity
@@ -87,6 +88,15 @@ class QueueBackend(ABC):
 
         Returns after the message is queued (for a broker: accepted by it).
         """
+
+    def publish_many(self, full_channel: str, messages: Sequence[Message]) -> None:
+        """Queue ``messages`` on ``full_channel``, in order; returns after every one is queued.
+
+        The default publishes one after another; a broker backend sends them in fewer round trips. If it raises,
+        any prefix of the messages may have been queued.
+        """
+        for message in messages:
+            self.publish(full_channel, message)
 
     @abstractmethod
     def drain(self, timeout: float = 10.0) -> bool:

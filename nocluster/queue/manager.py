@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -37,6 +37,8 @@ logger = logging.getLogger("nocluster.queue")
 
 # The most retries a message may ask for.
 MAX_RETRIES = 1000
+# Messages of publish_many() per call to the backend (one Redis pipeline).
+BATCH_SIZE = 500
 
 
 class EventQueue(Component):
@@ -142,6 +144,58 @@ class EventQueue(Component):
             # Outside a transaction, or a backend whose queue is a table of this very database.
             self._send(self.full_channel(channel), message)
         return message.id
+
+    def publish_many(
+        self,
+        channel: str,
+        payloads: Iterable[Any],
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        using: str | None = None,
+    ) -> list[str]:
+        """Queue one message per payload for ``channel``, in order, in fewer round trips than as many
+        :meth:`publish` calls (on Redis one pipeline per ``BATCH_SIZE`` messages); return their ids.
+
+        Each message is its own, as if published alone: its own id, tries, timeout and failed record. Inside
+        ``atomic()`` they go to the outbox in the caller's transaction, as with :meth:`publish`. Every payload is
+        checked before anything is sent: a bad one raises ``TypeError`` naming the channel and its index, and
+        nothing is queued. If the broker fails midway (``PublishError``), the messages before the failure may
+        have been queued.
+        """
+        self.subscription(channel)
+        seconds_, retries = self._checked_limits(channel, timeout, max_retries)
+        messages = [Message(channel, self._checked_payload(channel, index, payload), seconds_, retries)
+                    for index, payload in enumerate(payloads)]  # fmt: skip
+        if self._stopped:
+            raise QueueStopped(
+                f"queue channel {channel!r}: the event queue of node {self.identity.short_id} is stopped"
+            )
+        alias = using or DEFAULT_DB_ALIAS
+        if connections[alias].in_atomic_block and self.backend.database != alias:
+            for message in messages:
+                message.relayed = True
+                self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
+            return [message.id for message in messages]
+        full_channel = self.full_channel(channel)
+        for start in range(0, len(messages), BATCH_SIZE):
+            batch = messages[start : start + BATCH_SIZE]
+            try:
+                self.backend.publish_many(full_channel, batch)
+            except NoclusterError:
+                raise
+            except Exception as exc:
+                raise PublishError(
+                    f"queue channel {channel!r}: messages {start} to {start + len(batch) - 1} of the batch may not "
+                    f"be queued (those before were): {type(exc).__name__}: {exc}"
+                ) from exc
+        return [message.id for message in messages]
+
+    @staticmethod
+    def _checked_payload(channel: str, index: int, payload: Any) -> Any:
+        try:
+            return ensure_json(channel, payload)
+        except TypeError as exc:
+            raise TypeError(f"{exc} (payload {index} of the batch; nothing was queued)") from None
 
     def relay(self, row: OutboxMessage) -> None:
         """The outbox's sender of ``"queue"`` rows: queue the message the row holds (a new send id per send)."""

@@ -15,6 +15,7 @@ from django.db import transaction
 
 from nocluster import UnknownChannel
 from nocluster.models import FailedMessage, OutboxMessage, QueuedMessage
+from nocluster.queue import manager as queue_manager
 from tests.helpers import wait_until
 from tests.queue import scenarios
 from tests.queue.conftest import Cluster
@@ -184,3 +185,52 @@ def test_a_failed_message_can_be_requeued(queue: Cluster) -> None:
     wait_until(lambda: FailedMessage.objects.filter(message_id=new_id).exists(), timeout=30)
     assert of(queue.events("flaky"), new_id)
     assert not FailedMessage.objects.filter(pk=record.pk).exists()
+
+
+def test_publish_many_queues_each_payload_as_its_own_message(queue: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given batches of 50 messages per backend call (so 120 payloads take three)
+    monkeypatch.setattr(queue_manager, "BATCH_SIZE", 50)
+
+    # When 120 payloads are published at once
+    ids = queue.app.event_queue.publish_many("echo", [{"n": n} for n in range(120)], timeout=5)
+
+    # Then each is a message of its own, and each ran exactly once with its payload
+    assert len(set(ids)) == 120
+    queue.drain()
+    events = [event for event in queue.events("echo") if event["id"] in set(ids)]
+    assert sorted(event["id"] for event in events) == sorted(ids)
+    assert sorted(event["payload"]["n"] for event in events) == list(range(120))
+    assert [event["payload"]["n"] for event in events if event["id"] == ids[7]] == [7]
+
+
+def test_publish_many_gives_each_message_its_own_tries_and_failed_record(queue: Cluster) -> None:
+    # Given two payloads that always fail and one that succeeds on its second try, one retry each
+    payloads = [{"succeed_at": None}, {"succeed_at": 1}, {"succeed_at": None}]
+    first, second, third = queue.app.event_queue.publish_many("flaky", payloads, timeout=5, max_retries=1)
+
+    # Then the failing ones are each tried twice and recorded failed on their own; the other is not
+    for message_id in (first, third):
+        assert failed_record(message_id).tries == 2
+    queue.drain()
+    assert [event["retried"] for event in of(queue.events("flaky"), second)] == [0, 1]
+    assert not FailedMessage.objects.filter(message_id=second).exists()
+
+
+def test_publish_many_refuses_the_whole_batch_for_one_bad_payload(queue: Cluster) -> None:
+    marker = f"batch-{time.monotonic_ns()}"
+    with pytest.raises(TypeError, match=r"'echo'.*payload 2 of the batch; nothing was queued"):
+        queue.app.event_queue.publish_many("echo", [marker, marker, {"bad": object()}, marker], timeout=5)
+    queue.drain()
+    assert not [event for event in queue.events("echo") if event["payload"] == marker]
+
+
+def test_publish_many_in_a_transaction_goes_out_on_commit_and_never_after_a_rollback(queue: Cluster) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        rolled_back = queue.app.event_queue.publish_many("echo", ["rolled back"] * 3, timeout=5)
+        raise RuntimeError("roll back")
+    with transaction.atomic():
+        committed = queue.app.event_queue.publish_many("echo", ["committed"] * 3, timeout=5)
+
+    wait_until(lambda: all(of(queue.events("echo"), message_id) for message_id in committed), timeout=30)
+    queue.drain()
+    assert not [event for event in queue.events("echo") if event["id"] in rolled_back]

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from nocluster.errors import UnknownChannel
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.backends import celery_worker
 from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
+from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
 from nocluster.queue.backends.gone_workers import (
     GoneWorkers,
     Liveness,
@@ -122,21 +124,30 @@ class CeleryQueueBackend(QueueBackend):
     def task(self) -> Task:
         return self.celery_app.tasks[TASK_NAME]
 
+    @cached_property
+    def publisher(self) -> CeleryPublisher:
+        """Sends this backend's messages as Celery messages, with kept producers (:mod:`.celery_publish`)."""
+        return CeleryPublisher(self.celery_app, is_redis(self.broker_url), self.time_limits)
+
+    def time_limits(self, message: Message) -> tuple[float, float]:
+        """Celery's soft and hard time limits of ``message``: timeout + grace, timeout + 2 x grace."""
+        return message.timeout + self.grace, message.timeout + 2 * self.grace
+
     # --- the contract -------------------------------------------------------------------------------------
     def register(self, full_channel: str, subscription: Subscription) -> None:
         """Nothing to do here: workers consume every subscribed channel when they start."""
 
     def publish(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
-        self.task.apply_async(
-            args=(message.to_wire(),),
-            queue=celery_queue(full_channel, self.queue_type),
-            countdown=delay if delay > 0 else None,
-            soft_time_limit=message.timeout + self.grace,
-            time_limit=message.timeout + 2 * self.grace,
-            # What logs and events show; also spares Celery a saferepr of the whole payload per publish.
-            argsrepr=f"({message.channel!r}, id={message.id!r}, retried={message.retried})",
-            kwargsrepr="{}",
-        )
+        self.publisher.publish([Outgoing(celery_queue(full_channel, self.queue_type), message, delay)])
+
+    def publish_many(self, full_channel: str, messages: Sequence[Message]) -> None:
+        """On Redis in one pipeline; on RabbitMQ one confirmed publish after another."""
+        queue = celery_queue(full_channel, self.queue_type)
+        self.publisher.publish([Outgoing(queue, message) for message in messages])
+
+    def stop(self) -> None:
+        if "publisher" in self.__dict__:
+            self.publisher.close()
 
     def depth(self, full_channel: str) -> int:
         """Messages waiting in the channel's broker queue (not those a worker holds).
