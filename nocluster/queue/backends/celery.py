@@ -141,7 +141,7 @@ class CeleryQueueBackend(QueueBackend):
         self.publisher.publish([Outgoing(celery_queue(full_channel, self.queue_type), message, delay)])
 
     def publish_many(self, full_channel: str, messages: Sequence[Message]) -> None:
-        """On Redis in one pipeline; on RabbitMQ one confirmed publish after another."""
+        """On Redis in one pipeline; on RabbitMQ with one wait for all the confirms."""
         queue = celery_queue(full_channel, self.queue_type)
         self.publisher.publish([Outgoing(queue, message) for message in messages])
 

@@ -9,7 +9,7 @@ name: no binding lookup), and on Redis through a channel that keeps its one clie
 these messages as it runs ``apply_async``'s.
 
 :meth:`CeleryPublisher.publish` sends a batch: on Redis in one pipeline (kombu's ``Producer.batch``), on RabbitMQ
-one publish after another, each confirmed.
+on a channel in confirm mode with one wait for all the confirms.
 """
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ from __future__ import annotations
 import contextlib
 import os
 import queue as stdlib_queue
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import amqp
+from amqp.exceptions import MessageNacked
 from celery import Celery
 from kombu import Connection, Producer, Queue
+from kombu.entity import PERSISTENT_DELIVERY_MODE
+from kombu.serialization import dumps
 from kombu.transport import redis as kombu_redis
 
 from nocluster.queue.backends.celery_worker import TASK_NAME
@@ -34,6 +39,8 @@ from nocluster.queue.message import Message
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 # Producers (each with its connection) kept for reuse between calls; more may exist while that many threads publish.
 IDLE_PRODUCERS = 10
+# Seconds to wait for RabbitMQ to confirm a batch (a socket timeout after it: the batch is not known queued).
+CONFIRM_TIMEOUT = 30.0
 
 
 class OneClientChannel(kombu_redis.Channel):
@@ -101,13 +108,14 @@ class CeleryPublisher:
         """
         with self._producer() as kept:
             self._declare(kept, {outgoing.queue for outgoing in batch})
-            if self.redis and len(batch) > 1:
+            if len(batch) == 1:
+                self._send(kept.producer, batch[0], retry=True)
+            elif self.redis:
                 with kept.producer.batch(max_size=len(batch) * 2):
                     for outgoing in batch:
                         self._send(kept.producer, outgoing, retry=False)
             else:
-                for outgoing in batch:
-                    self._send(kept.producer, outgoing, retry=True)
+                self._send_confirmed(kept.connection, batch)
 
     @staticmethod
     def _declare(kept: KeptProducer, queues: set[Queue]) -> None:
@@ -117,18 +125,40 @@ class CeleryPublisher:
             kept.declared.add(queue)
 
     def _send(self, producer: Producer, outgoing: Outgoing, retry: bool) -> None:
+        task = self._task_message(outgoing)
+        producer.publish(
+            task.body, exchange="", routing_key=outgoing.queue.name, headers=task.headers, serializer="json",
+            retry=retry, retry_policy=RETRY_POLICY, **task.properties,
+        )  # fmt: skip
+
+    def _send_confirmed(self, connection: Connection, batch: Sequence[Outgoing]) -> None:
+        """RabbitMQ: publish the batch on a channel of its own in confirm mode, then wait once for every confirm
+        (py-amqp's confirm mode waits after each message). A fresh channel numbers its messages from 1."""
+        channel: Any = connection.channel()
+        try:
+            channel.confirm_select()
+            confirms = Confirms(channel)
+            for outgoing in batch:
+                task = self._task_message(outgoing)
+                content_type, encoding, body = dumps(task.body, serializer="json")
+                properties = {"delivery_mode": PERSISTENT_DELIVERY_MODE, **task.properties}
+                message = channel.prepare_message(body, 0, content_type, encoding, task.headers, properties)
+                amqp.Channel._basic_publish(channel, message, exchange="", routing_key=outgoing.queue.name)
+                confirms.sent += 1
+            confirms.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    def _task_message(self, outgoing: Outgoing) -> Any:
         message = outgoing.message
         soft, hard = self.limits(message)
-        task = self.celery_app.amqp.as_task_v2(
+        return self.celery_app.amqp.as_task_v2(
             str(uuid.uuid4()), TASK_NAME, args=(message.to_wire(),), kwargs={},
             countdown=outgoing.delay if outgoing.delay > 0 else None, soft_time_limit=soft, time_limit=hard,
             ignore_result=True,
             # What logs and events show; also spares Celery a saferepr of the whole payload.
             argsrepr=f"({message.channel!r}, id={message.id!r}, retried={message.retried})", kwargsrepr="{}",
-        )  # fmt: skip
-        producer.publish(
-            task.body, exchange="", routing_key=outgoing.queue.name, headers=task.headers, serializer="json",
-            retry=retry, retry_policy=RETRY_POLICY, **task.properties,
         )  # fmt: skip
 
     @contextmanager
@@ -169,3 +199,43 @@ class CeleryPublisher:
             if kept.pid == os.getpid():
                 with contextlib.suppress(Exception):
                     kept.connection.release()
+
+
+class Confirms:
+    """The confirms of a fresh channel in confirm mode (its messages are numbered from 1), counted by the
+    channel's ``basic_ack``/``basic_nack`` listeners rather than by the frame a wait returns: py-amqp also reads
+    the socket before each publish (to notice a ``connection.blocked``), and what it reads then reaches only the
+    listeners."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.sent = 0
+        self.confirmed: set[int] = set()
+        self.highest_multiple = 0
+        self.refused: list[int] = []
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self.highest_multiple = max(self.highest_multiple, delivery_tag)
+        else:
+            self.confirmed.add(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool, *rest: Any) -> None:
+        self.refused.append(delivery_tag)
+        self._on_ack(delivery_tag, multiple)
+
+    def _all_in(self) -> bool:
+        return all(tag <= self.highest_multiple or tag in self.confirmed for tag in range(1, self.sent + 1))
+
+    def wait(self, timeout: float = CONFIRM_TIMEOUT) -> None:
+        """Return once RabbitMQ confirmed every message sent; raise MessageNacked if it refused one, or a timeout."""
+        deadline = time.monotonic() + timeout
+        while not self._all_in():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"RabbitMQ did not confirm a batch of {self.sent} within {timeout} s")
+            self.channel.connection.drain_events(timeout=remaining)
+        if self.refused:
+            raise MessageNacked(f"RabbitMQ refused {len(self.refused)} of a batch of {self.sent} messages")

@@ -1,0 +1,100 @@
+"""What the Celery backend's lean publish sends (nocluster/queue/backends/celery_publish.py), read back from the real
+broker: ordinary Celery protocol-2 task messages, in order, and a batch RabbitMQ refuses is not reported queued."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from amqp.exceptions import MessageNacked
+from kombu import Connection, Exchange, Queue
+
+from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
+from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
+from nocluster.queue.backends.celery_worker import TASK_NAME
+from nocluster.queue.message import Message
+from tests.conftest import unique_name
+from tests.queue.conftest import delete_keys
+
+pytestmark = pytest.mark.cluster
+
+
+class Project:
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self.name = unique_name("pub")
+        self.celery_app = build_celery_app(broker_url, self.name, QueueLimits(), {})
+        self.publisher = CeleryPublisher(
+            self.celery_app, is_redis(broker_url), lambda m: (m.timeout + 5, m.timeout + 10)
+        )
+        self.queues: list[Queue] = []
+
+    def queue(self, suffix: str = "work", **arguments: object) -> Queue:
+        full = f"{self.name}.{suffix}"
+        queue = Queue(full, Exchange(full, type="direct"), routing_key=full, durable=True, **arguments)  # type: ignore[arg-type]
+        self.queues.append(queue)
+        return queue
+
+    def taken(self, queue: Queue) -> list[tuple[dict[str, object], object]]:
+        """Every message waiting on ``queue`` (headers, decoded body), oldest first."""
+        found = []
+        with self.celery_app.connection_for_read() as connection:
+            bound = queue(connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                found.append((dict(message.headers), message.decode()))
+        return found
+
+    def close(self) -> None:
+        self.publisher.close()
+        with Connection(self.broker_url, transport_options=self.celery_app.conf.broker_transport_options) as connection:
+            for queue in self.queues:
+                queue(connection.default_channel).delete()
+        delete_keys(self.name)
+
+
+@pytest.fixture
+def project(broker_url: str) -> Iterator[Project]:
+    result = Project(broker_url)
+    yield result
+    result.close()
+
+
+@pytest.mark.parametrize("count", [1, 7])
+def test_messages_go_out_as_celery_task_messages_in_order(project: Project, count: int) -> None:
+    # When a batch of messages (or one) is published to a channel's queue
+    queue = project.queue()
+    messages = [Message("work", {"n": n}, 15.0, 2) for n in range(count)]
+    project.publisher.publish([Outgoing(queue, message) for message in messages])
+
+    # Then the queue holds protocol-2 Celery messages of the delivery task, in order, each with its time limits
+    taken = project.taken(queue)
+    assert [body[0][0]["id"] for _, body in taken] == [message.id for message in messages]  # type: ignore[index]
+    for headers, body in taken:
+        assert headers["task"] == TASK_NAME and headers["lang"] == "py"
+        assert headers["timelimit"] == [25.0, 20.0]
+        assert body[1] == {} and set(body[2]) == {"callbacks", "errbacks", "chain", "chord"}  # type: ignore[index]
+        assert body[0][0]["channel"] == "work" and body[0][0]["max_retries"] == 2  # type: ignore[index]
+
+
+def test_a_delayed_message_carries_its_eta(project: Project) -> None:
+    queue = project.queue()
+    project.publisher.publish([Outgoing(queue, Message("work", None, 15.0, 0), delay=30.0)])
+    [(headers, _)] = project.taken(queue)
+    assert headers["eta"]
+
+
+def test_a_batch_rabbitmq_refuses_is_not_reported_queued(amqp_url: str) -> None:
+    project = Project(amqp_url)
+    try:
+        # Given a queue that refuses what exceeds one message (RabbitMQ nacks the rest)
+        queue = project.queue("full", max_length=1, queue_arguments={"x-overflow": "reject-publish"})
+        # When three messages are published in one batch, the publish raises: not every one was confirmed
+        with pytest.raises(MessageNacked, match="refused 2 of a batch of 3"):
+            project.publisher.publish([Outgoing(queue, Message("full", n, 15.0, 0)) for n in range(3)])
+        assert len(project.taken(queue)) == 1
+        # And the next batch goes out on the same publisher
+        other = project.queue()
+        project.publisher.publish([Outgoing(other, Message("work", n, 15.0, 0)) for n in range(3)])
+        assert len(project.taken(other)) == 3
+    finally:
+        project.close()
