@@ -9,12 +9,16 @@ receives. The broker is a private server on free ports, never the shared one: a 
   messages; the manager drops what RabbitMQ delivers twice).
 - Redis: pub/sub is at most once; each node receives again once it has reconnected. The reconnect time and the
   loss are printed (``-s`` or ``-rP`` shows them), for docs/pubsub.md; nothing is asserted on time.
+- A node whose Redis stops answering (frozen, its connections open) still stops without waiting out the consumer
+  thread's 10 s join.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -168,3 +172,25 @@ def test_redis_restart_nodes_receive_again(node_env: dict[str, str], redis: Priv
     finally:
         stop_nodes(nodes)
 
+
+@pytest.mark.cluster
+def test_a_node_stops_promptly_while_its_redis_does_not_answer(node_env: dict[str, str], redis: PrivateRedis) -> None:
+    # Given a node consuming from a Redis that then stops answering (SIGSTOP: its connections stay open, as with a
+    # frozen server or a half-open connection)
+    node = start_nodes(1, {**node_env, "PUBSUB_URL": redis.url}, scenario=SCENARIO)[0]
+    assert redis.process is not None
+    try:
+        node.request({"cmd": "subscribe", "channel": CHANNEL, "key": CHANNEL})
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            # When the node is stopped (SIGTERM: app.stop())
+            node.stop(timeout=30)
+            # Then it stopped by itself, without waiting out the consumer thread's join timeout: the clean-up that
+            # waits on the frozen Redis is given CLEANUP_TIMEOUT and left behind
+            assert node.wait_event(lambda event: event.get("event") == "stopped", timeout=1)
+            assert "did not stop within" not in node.log_text()
+            assert "did not answer its clean-up" in node.log_text()
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+    finally:
+        stop_nodes([node])
