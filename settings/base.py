@@ -121,7 +121,11 @@ PUBSUB_URL = env("PUBSUB_URL", BROKER_URL)
 NOCLUSTER: dict[str, Any] = {
     "NAME": env("NOCLUSTER_NAME", "main"),
     "PUBSUB": (
-        {"BACKEND": "nocluster.pubsub.backends.kombu.KombuPubSubBackend", "OPTIONS": {"url": PUBSUB_URL}}
+        {
+            "BACKEND": "nocluster.pubsub.backends.kombu.KombuPubSubBackend",
+            # RabbitMQ: durable exchanges and queues, persistent messages (confirmed ones survive a broker restart).
+            "OPTIONS": {"url": PUBSUB_URL, "durable": env_bool("NOCLUSTER_PUBSUB_DURABLE", True)},
+        }
         if PUBSUB_URL
         else {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {}}
     ),

@@ -51,6 +51,14 @@ def server_unavailable(server: str, url: str) -> None:
     pytest.skip(message)
 
 
+def server_cannot_start(server: str, reason: str) -> None:
+    """A private server this test starts itself (a binary, not a URL) cannot run here: fail under CI, else skip."""
+    message = f"cannot run a private {server} for this test: {reason}"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """URL of the real Redis server (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``)."""

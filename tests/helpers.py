@@ -29,7 +29,18 @@ from nocluster.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "NodeProcess", "free_port", "private_redis", "start_nodes", "stop_nodes", "wait_until"]
+__all__ = [
+    "ROOT",
+    "NodeProcess",
+    "PrivateRabbitMQ",
+    "PrivateRedis",
+    "ServerCannotStart",
+    "free_port",
+    "private_redis",
+    "start_nodes",
+    "stop_nodes",
+    "wait_until",
+]
 
 
 def free_port() -> int:
@@ -39,6 +50,64 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ServerCannotStart(Exception):
+    """A private server's binary is missing or it did not come up in time (the fixture skips, or fails under CI)."""
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class PrivateRedis:
+    """A throwaway ``redis-server`` on a free port (``options`` are redis-server flags), for fault and configuration
+    tests that must not touch the shared server: :meth:`kill` (SIGKILL) and :meth:`start` again on the same port.
+    Its files live in a temporary folder that :meth:`close` removes."""
+
+    def __init__(self, *options: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerCannotStart("redis-server is not installed (needed to run a private Redis for this test)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = tempfile.mkdtemp(prefix="nocluster-redis-")
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.workdir,
+                        "--daemonize", "no", *options]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> PrivateRedis:
+        """Start the server (again) and wait until it answers PING."""
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: _answers_ping(self.port), timeout=timeout, message="the private redis-server")
+        except AssertionError as exc:
+            self.kill()
+            raise ServerCannotStart(f"redis-server on port {self.port} did not answer within {timeout} s") from exc
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash) and reap it."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait(10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def private_redis(*options: str) -> Iterator[str]:
     """A throwaway redis-server on a free port (``options`` are redis-server flags); yields its URL.
@@ -46,29 +115,113 @@ def private_redis(*options: str) -> Iterator[str]:
     For fault and configuration tests that must not touch the shared server. Its files live in a temporary folder
     removed afterwards.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise AssertionError("redis-server is not installed (it is needed to run a private Redis for this test)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="nocluster-redis-")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir, *options]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = PrivateRedis(*options)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.close()
 
-    def answers() -> bool:
+
+# The server script itself: /usr/sbin/rabbitmq-server is Debian's wrapper, which, run as root, switches to the
+# rabbitmq user and its home (that user could not read our temporary folder).
+RABBITMQ_SCRIPTS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "rabbitmq-server")
+
+
+class PrivateRabbitMQ:
+    """A throwaway RabbitMQ node on free ports (AMQP and Erlang distribution), never the shared one.
+
+    Its node name is unique (``nocluster-test-<port>@localhost``); its database, logs, configuration and Erlang
+    cookie (``HOME``) live in a temporary folder that :meth:`close` removes; no plugins. :meth:`kill` SIGKILLs its
+    ``beam.smp`` (a broker crash) and :meth:`start` boots it again on the same database and port, so durable queues
+    and persistent messages come back as after a real restart. Startup takes 5-15 s here.
+    """
+
+    def __init__(self) -> None:
+        script = next((found for name in RABBITMQ_SCRIPTS if (found := shutil.which(name))), None)
+        if script is None:
+            raise ServerCannotStart("rabbitmq-server is not installed (needed to run a private RabbitMQ node)")
+        self.script = script
+        self.port, self.dist_port = free_port(), free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.base = tempfile.mkdtemp(prefix="nocluster-rabbitmq-")
+        Path(self.base, "enabled_plugins").write_text("")
+        self.env = {
+            **os.environ,
+            "HOME": self.base,  # the Erlang cookie this node makes goes here, not into the real $HOME
+            "RABBITMQ_NODENAME": f"nocluster-test-{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_BASE": self.base,
+            "RABBITMQ_MNESIA_BASE": f"{self.base}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{self.base}/log",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{self.base}/enabled_plugins",
+            "RABBITMQ_CONFIG_FILE": f"{self.base}/rabbitmq",
+            "RABBITMQ_ADVANCED_CONFIG_FILE": f"{self.base}/advanced.config",
+            "RABBITMQ_CONF_ENV_FILE": f"{self.base}/rabbitmq-env.conf",
+            "RABBITMQ_PID_FILE": f"{self.base}/rabbitmq.pid",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = Path(self.base, "server.out")
+
+    def start(self, timeout: float = 40.0) -> PrivateRabbitMQ:
+        """Boot the node (again) and wait until it accepts an AMQP login."""
+        with self._log.open("ab") as log:
+            # Its own session: the script and beam.smp form one process group, signalled by pid only.
+            self.process = subprocess.Popen([self.script], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
+            wait_until(self._accepts_login, timeout=timeout, interval=0.2, message="the private RabbitMQ node")
+        except AssertionError as exc:
+            tail = self._log.read_text(errors="replace")[-2000:]
+            self.kill()
+            raise ServerCannotStart(f"RabbitMQ on port {self.port} did not start within {timeout} s:\n{tail}") from exc
+        return self
+
+    def _accepts_login(self) -> bool:
+        from kombu import Connection
+
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"rabbitmq-server exited: {self._log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+            with Connection(self.url, connect_timeout=2) as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:
             return False
 
-    try:
-        wait_until(answers, timeout=10, message="the private redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    def beam_pid(self) -> int | None:
+        """The pid of this node's Erlang VM (a child of the script, or the script itself once it exec'd)."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return None
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        for pid in [process.pid, *map(int, children.read_text().split())]:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "beam.smp":
+                    return pid
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL this node's beam.smp (a broker crash: nothing is flushed) and reap the script."""
+        process, beam = self.process, self.beam_pid()
+        self.process = None
+        if process is None:
+            return
+        if process.poll() is None:
+            os.kill(beam if beam is not None else process.pid, signal.SIGKILL)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 class NodeProcess:

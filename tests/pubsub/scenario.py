@@ -1,10 +1,17 @@
 """Node scenario for the multi-node pub/sub, sync and data_source_main tests (``tests.pubsub.scenario:handle``).
 
 Commands (JSON over stdin, see ``tests/node.py``):
-  subscribe {channel, key, debounce=0, fail_on=None}   record what arrives under ``key``; raise on ``fail_on``
+  subscribe {channel, key, debounce=0, fail_on=None, stamp=False}
+                                                        record what arrives under ``key``; raise on ``fail_on``;
+                                                        with ``stamp``, each as [message, time.time() on arrival]
   unsubscribe {channel, key}
   publish {channel, message, skip_self=True, only_self=False}
   burst {channel, count, size}                          publish ``count`` messages {"n": i, "pad": size bytes}
+  stream_start {channel, interval=0.005}               publish {"n": 0, 1, ...} (skip_self False) from a thread,
+                                                        one every ``interval`` s, until stream_stop
+  stream_progress                                       {"confirmed": how many publish() calls returned, "failed": ...}
+  stream_stop                                           stop; {"confirmed": [[n, time returned], ...],
+                                                        "failed": [[n, time raised], ...]}
   received {key}                                        what arrived under ``key`` (list)
   count {key}                                           how many arrived under ``key``
   sync_channel {channel, key}                           record sync messages (and resyncs) under ``key``
@@ -20,6 +27,7 @@ and everything ``tests.node.default_handler`` understands (``ping``, ``eval``).
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -30,12 +38,13 @@ _received: dict[str, list[Any]] = defaultdict(list)
 _callbacks: dict[tuple[str, str], Any] = {}
 _reconnects = [0]
 _hooked = [False]
+_stream: dict[str, Any] = {}
 
 
-def _recorder(key: str, fail_on: Any = None) -> Any:
+def _recorder(key: str, fail_on: Any = None, stamp: bool = False) -> Any:
     def record(message: Any) -> None:
         with _lock:
-            _received[key].append(message)
+            _received[key].append([message, time.time()] if stamp else message)
         if fail_on is not None and message == fail_on:
             raise RuntimeError(f"scenario callback {key} fails on {message!r} on purpose")
 
@@ -44,6 +53,23 @@ def _recorder(key: str, fail_on: Any = None) -> Any:
 
 def _count_reconnect() -> None:
     _reconnects[0] += 1
+
+
+def _publish_stream(channel: str, interval: float, stopping: threading.Event) -> None:
+    """Publish {"n": 0, 1, ...} until ``stopping``; note which publish() calls returned (confirmed) or raised."""
+    from nocluster import app
+    from nocluster.errors import PublishError
+
+    n = 0
+    while not stopping.is_set():
+        try:
+            app.pub_sub_manager.publish(channel, {"n": n}, skip_self=False)
+        except PublishError:
+            _stream["failed"].append([n, time.time()])
+        else:
+            _stream["confirmed"].append([n, time.time()])
+        n += 1
+        stopping.wait(interval)
 
 
 def handle(command: dict[str, Any]) -> Any:
@@ -56,7 +82,8 @@ def handle(command: dict[str, Any]) -> Any:
     pubsub = app.pub_sub_manager
     if cmd == "subscribe":
         callback = _callbacks.setdefault(
-            (command["channel"], command["key"]), _recorder(command["key"], command.get("fail_on"))
+            (command["channel"], command["key"]),
+            _recorder(command["key"], command.get("fail_on"), command.get("stamp", False)),
         )
         pubsub.subscribe(command["channel"], callback, debounce=command.get("debounce", 0))
         return True
@@ -75,6 +102,21 @@ def handle(command: dict[str, Any]) -> Any:
         for n in range(command["count"]):
             pubsub.publish(command["channel"], {"n": n, "pad": pad})
         return command["count"]
+    if cmd == "stream_start":
+        stopping = threading.Event()
+        thread = threading.Thread(
+            target=_publish_stream, args=(command["channel"], command.get("interval", 0.005), stopping),
+            name="scenario-stream", daemon=True,
+        )  # fmt: skip
+        _stream.update(confirmed=[], failed=[], stopping=stopping, thread=thread)
+        thread.start()
+        return True
+    if cmd == "stream_progress":
+        return {"confirmed": len(_stream["confirmed"]), "failed": len(_stream["failed"])}
+    if cmd == "stream_stop":
+        _stream["stopping"].set()
+        _stream["thread"].join(60)
+        return {"confirmed": _stream["confirmed"], "failed": _stream["failed"]}
     if cmd == "received":
         with _lock:
             return list(_received[command["key"]])

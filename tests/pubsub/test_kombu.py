@@ -19,6 +19,7 @@ from kombu import Connection, Exchange, Producer
 
 from nocluster import Application, PublishError
 from nocluster.envelope import Envelope
+from nocluster.pubsub.backends.kombu import KombuPubSubBackend
 from tests.helpers import wait_until
 from tests.pubsub.test_contract import Inbox
 from tests.tcpproxy import TcpProxy
@@ -127,6 +128,13 @@ def test_publishing_to_an_unreachable_broker_raises_publish_error_naming_the_cha
         node.pub_sub_manager.publish("orders", {"id": 1})
 
 
+def wire_exchange(node: Application, full_channel: str) -> Exchange:
+    """The exchange of ``full_channel`` as the node declares it (durable on RabbitMQ unless configured otherwise)."""
+    backend = node.pub_sub_manager.backend
+    assert isinstance(backend, KombuPubSubBackend)
+    return backend.exchange(full_channel)
+
+
 def test_a_non_json_message_on_the_wire_is_dropped_and_consuming_goes_on(
     broker_url: str, kombu_app: Callable[..., Application], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,7 +146,7 @@ def test_a_non_json_message_on_the_wire_is_dropped_and_consuming_goes_on(
 
     # When someone publishes a pickled body on the channel's exchange, then a proper message follows
     with caplog.at_level(logging.ERROR, logger="nocluster.pubsub"), Connection(broker_url) as conn:
-        exchange = Exchange(full, type="fanout", durable=False)
+        exchange = wire_exchange(node, full)
         Producer(conn).publish({"x": 1}, exchange=exchange, routing_key="", serializer="pickle", declare=[exchange])
         other = kombu_app(broker_url)
         other.pub_sub_manager.publish("wire", "json")
@@ -168,7 +176,7 @@ def test_malformed_envelopes_on_the_wire_are_logged_once_each_and_the_consumer_k
 
     # When they are published raw on the channel's exchange, then a proper message follows
     with caplog.at_level(logging.INFO, logger="nocluster.pubsub"), Connection(broker_url) as conn:
-        exchange = Exchange(full, type="fanout", durable=False)
+        exchange = wire_exchange(node, full)
         producer = Producer(conn)
         for body in bad_bodies:
             producer.publish(
@@ -284,3 +292,33 @@ def test_unsubscribing_while_the_channel_is_busy_keeps_the_connection_and_other_
     # Then its connection was not dropped and the other channel lost nothing
     wait_until(lambda: quiet.items == list(range(20)), timeout=15, message="every quiet message")
     assert reconnects == []
+
+
+@pytest.mark.parametrize("existing_durable", [False, True])
+def test_an_exchange_declared_with_the_other_durability_is_used_as_it_is(
+    amqp_url: str, kombu_app: Callable[..., Application], caplog: pytest.LogCaptureFixture, existing_durable: bool
+) -> None:
+    # Given the channel's exchange exists with the other durability (made by an earlier nocluster, which declared
+    # them non-durable, or by nodes with OPTIONS durable set otherwise)
+    probe = kombu_app(amqp_url)
+    full = probe.pub_sub_manager.full_channel("legacy")
+    with Connection(amqp_url) as conn:
+        Exchange(full, type="fanout", durable=existing_durable)(conn.default_channel).declare()
+    try:
+        # When nodes of the other setting subscribe and publish on it (RabbitMQ answers PRECONDITION_FAILED)
+        with caplog.at_level(logging.WARNING, logger="nocluster.pubsub"):
+            subscriber = kombu_app(amqp_url, durable=not existing_durable)
+            inbox = Inbox()
+            subscriber.pub_sub_manager.subscribe("legacy", inbox)
+            subscriber.pub_sub_manager.start()
+            publisher = kombu_app(amqp_url, durable=not existing_durable)
+            publisher.pub_sub_manager.publish("legacy", "one")
+            publisher.pub_sub_manager.publish("legacy", "two")
+            # Then they use it as it is: messages flow, and the mismatch is named in a warning
+            wait_until(lambda: inbox.items == ["one", "two"], timeout=15)
+        warnings = [r.getMessage() for r in caplog.records if "exists with other settings" in r.getMessage()]
+        assert warnings and all(repr(full) in message for message in warnings)
+        assert subscriber.pub_sub_manager.backend.connected
+    finally:
+        with Connection(amqp_url) as conn:
+            conn.default_channel.exchange_delete(full)

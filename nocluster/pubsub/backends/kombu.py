@@ -7,7 +7,8 @@ acknowledged and kept alive is one strategy per broker, picked once from the URL
 
 - RabbitMQ, :mod:`~nocluster.pubsub.backends.kombu_amqp`: one queue per instance bound to every exchange it
   subscribes to, kept through a dropped connection; batched acknowledgements (at least once: the manager drops
-  redelivered ids); publisher confirms; AMQP heartbeats.
+  redelivered ids); publisher confirms; AMQP heartbeats; durable exchanges and queues and persistent messages
+  (``durable``), so a confirmed message survives a broker restart.
 - Redis, :mod:`~nocluster.pubsub.backends.kombu_redis`: one virtual queue per channel on one PSUBSCRIBE
   connection (at most once); subscriptions confirmed and liveness checked by pinging ourselves.
 
@@ -68,6 +69,9 @@ class KombuPubSubBackend(PubSubBackend):
     queue_expires: RabbitMQ/Redis queue expiry after its consumer is gone, seconds.
     max_length: RabbitMQ: most messages kept for a slow node (older ones are dropped, then resynced).
     publish_retries: reconnect attempts of one publish before ``PublishError``.
+    durable: RabbitMQ: durable exchanges and per-node queues, persistent messages (default True), so a message
+      whose ``publish`` returned survives a broker restart; False: transient ones (what is published while the
+      broker restarts and the nodes re-bind is lost). Ignored on Redis (PUBLISH is at most once).
     transport_options: extra kombu transport options.
     """
 
@@ -81,6 +85,7 @@ class KombuPubSubBackend(PubSubBackend):
         queue_expires: float = 60.0,
         max_length: int = 100_000,
         publish_retries: int = 3,
+        durable: bool = True,
         transport_options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
@@ -90,14 +95,20 @@ class KombuPubSubBackend(PubSubBackend):
         self.queue_expires = seconds(queue_expires, "pub/sub OPTIONS queue_expires")
         self.max_length = count(max_length, "pub/sub OPTIONS max_length", least=1, most=10**9)
         self.publish_retries = count(publish_retries, "pub/sub OPTIONS publish_retries", most=100)
+        if not isinstance(durable, bool):
+            raise TypeError(f"pub/sub OPTIONS durable must be a bool, got {durable!r}")
         self.transport_options = dict(transport_options or {})
         self.topology_class = topology_for(url)
+        # Durable and persistent where the broker can keep them (RabbitMQ); transient on Redis, as always.
+        self.durable = durable and self.topology_class.persistent
         self.channels: set[str] = set()
         self._channels_lock = threading.Lock()
         self._exchanges: dict[str, Exchange] = {}
         self._publish_lock = threading.Lock()
         self._producer_connection: Connection | None = None
         self._producer: Producer | None = None
+        # Per exchange, what Producer.publish declares on the publish connection (see _declare).
+        self._declared: dict[str, list[Exchange]] = {}
         self._worker: KombuConsumerThread | None = None
         self.instance_id = ""
 
@@ -118,7 +129,13 @@ class KombuPubSubBackend(PubSubBackend):
         """The fanout exchange of ``full_channel`` (built once; publisher and topology share it)."""
         exchange = self._exchanges.get(full_channel)
         if exchange is None:
-            exchange = Exchange(full_channel, type="fanout", durable=False, auto_delete=False, delivery_mode=1)
+            exchange = Exchange(
+                full_channel,
+                type="fanout",
+                durable=self.durable,
+                auto_delete=False,
+                delivery_mode=2 if self.durable else 1,  # 2: persistent, written to disk before it is confirmed
+            )
             self._exchanges[full_channel] = exchange
         return exchange
 
@@ -138,6 +155,7 @@ class KombuPubSubBackend(PubSubBackend):
             queue_expires=self.queue_expires,
             max_length=self.max_length,
             exchange=self.exchange,
+            durable=self.durable,
         )
         self._worker = KombuConsumerThread(
             connection=self.new_connection(consumer=True),
@@ -190,23 +208,25 @@ class KombuPubSubBackend(PubSubBackend):
     def publish(self, full_channel: str, data: str) -> None:
         exchange = self.exchange(full_channel)
         with self._publish_lock:
+            retry_policy = {
+                "max_retries": self.publish_retries,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+                "interval_max": self.reconnect_interval_max,
+            }
             for attempt in (1, 2):
                 try:
-                    self._get_producer().publish(
+                    producer = self._get_producer()
+                    producer.publish(
                         data,
                         exchange=exchange,
                         routing_key="",
-                        declare=[exchange],
+                        declare=self._declare(full_channel, exchange, retry_policy),
                         content_type="application/json",
                         content_encoding="utf-8",
-                        delivery_mode=1,
+                        delivery_mode=exchange.delivery_mode,
                         retry=True,
-                        retry_policy={
-                            "max_retries": self.publish_retries,
-                            "interval_start": 0.2,
-                            "interval_step": 0.5,
-                            "interval_max": self.reconnect_interval_max,
-                        },
+                        retry_policy=retry_policy,
                     )
                     return
                 except Exception as exc:
@@ -223,10 +243,23 @@ class KombuPubSubBackend(PubSubBackend):
         self._worker = None
         self._producer_connection = None
         self._producer = None
+        self._declared = {}
         self._publish_lock = threading.Lock()
         self._channels_lock = threading.Lock()
 
     # --- producer ----------------------------------------------------------------------------------------
+    def _declare(self, full_channel: str, exchange: Exchange, retry_policy: dict[str, Any]) -> list[Exchange]:
+        """What ``Producer.publish`` must declare: nothing if the topology declared ``exchange`` itself on this
+        connection (RabbitMQ, once per connection), else ``[exchange]`` (kombu declares it once per connection)."""
+        declare = self._declared.get(full_channel)
+        if declare is None:
+            connection = self._producer_connection
+            assert connection is not None  # _get_producer() made it
+            connection.ensure_connection(**retry_policy)
+            declare = [] if self.topology_class.declare_exchange(connection, exchange) else [exchange]
+            self._declared[full_channel] = declare
+        return declare
+
     def _get_producer(self) -> Producer:
         if self._producer is None:
             self._producer_connection = self.new_connection(consumer=False)
@@ -235,6 +268,7 @@ class KombuPubSubBackend(PubSubBackend):
 
     def _reset_producer(self) -> None:
         connection, self._producer_connection, self._producer = self._producer_connection, None, None
+        self._declared.clear()
         if connection is not None:
             try:
                 connection.release()

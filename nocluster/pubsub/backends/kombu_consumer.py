@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("nocluster.pubsub.kombu")
 
+# On a graceful stop, once the consuming loop is left, how long stop() waits for the clean-up (cancelling the
+# consumer, deleting this instance's queues, closing the connection), seconds. A broker that does not answer (frozen,
+# or a half-open connection) must not hold the stop: the queues expire after queue_expires anyway, and the daemon
+# thread ends by itself once its socket times out.
+CLEANUP_TIMEOUT = 2.0
+
 
 class _Stopping(Exception):
     """Raised inside the reconnect loop to give up when the node stops."""
@@ -78,6 +84,7 @@ class KombuConsumerThread(ConsumerMixin):
         self._rebind_pending = 0  # the request the topology's next confirmation completes
         self._revival_pending = False  # the connection counts as bound once the topology confirms it
         self._consuming: Consuming | None = None
+        self._left_loop = threading.Event()  # set once the loop is left for good: no callback runs after it
         self._bound_channels: set[str] = set()
         # A daemon: it holds no work of its own (unacknowledged messages stay on the broker), and a node that
         # exits without stop() must not hang on it. stop() joins it.
@@ -87,13 +94,22 @@ class KombuConsumerThread(ConsumerMixin):
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Leave the loop (within a drain interval), join the thread; log it if it would not exit."""
+        """Leave the loop (within a drain interval, or when a running callback returns), then give the clean-up
+        CLEANUP_TIMEOUT seconds; log it if the thread would not get that far."""
         self.should_stop = True
         with self._rebind_done:
             self._rebind_done.notify_all()  # a subscribe() waiting for its rebind gives up now
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._thread.is_alive():
+            return
+        if not (self._left_loop.wait(timeout) or not self._thread.is_alive()):
             logger.error("pub/sub consumer thread %s did not stop within %s s", self._thread.name, timeout)
+            return
+        self._thread.join(CLEANUP_TIMEOUT)
+        if self._thread.is_alive():
+            logger.warning(
+                "pub/sub consumer thread %s: the broker did not answer its clean-up within %s s; not waiting for it "
+                "(this node's queues expire by themselves)", self._thread.name, CLEANUP_TIMEOUT,
+            )  # fmt: skip
 
     def request_rebind(self, wait: bool) -> None:
         """Ask the consumer thread to (un)bind changed channels; wait up to 5 s for it when connected."""
@@ -113,7 +129,7 @@ class KombuConsumerThread(ConsumerMixin):
             try:
                 self.run(safety_interval=0.2)
             except _Stopping:
-                return
+                break
             except StaleConnection as exc:
                 logger.warning("pub/sub of instance %s: %s; reconnecting", self.instance_id, exc)
             except Exception:
@@ -121,6 +137,18 @@ class KombuConsumerThread(ConsumerMixin):
                 threading.Event().wait(1.0)
             finally:
                 self.bound.clear()
+        self._left_loop.set()
+
+    @contextmanager
+    def _consume_from(self, *consumers: Consumer) -> Iterator[Any]:
+        # ConsumerMixin's (the consumers, cancelled on exit), noting when the loop is left for a stop, before the
+        # clean-up that may wait on the broker.
+        with super()._consume_from(*consumers) as consuming:
+            try:
+                yield consuming
+            finally:
+                if self.should_stop:
+                    self._left_loop.set()
 
     @contextmanager
     def establish_connection(self) -> Iterator[Connection]:
@@ -176,12 +204,14 @@ class KombuConsumerThread(ConsumerMixin):
         self.bound.clear()
         consuming = self._consuming
         if self.should_stop and consuming is not None:
-            # Graceful stop: remove this instance's queue(s) and bindings now rather than at expiry.
+            # Graceful stop: remove this instance's queue(s) and bindings now rather than at expiry (best effort:
+            # stop() waits CLEANUP_TIMEOUT at most for this and the connection's close).
             for queue in consuming.consumer.queues or ():
                 try:
                     queue.delete()
                 except Exception:
-                    logger.debug("deleting queue %s failed", queue.name, exc_info=True)
+                    logger.debug("deleting queue %s failed; leaving the rest to expire", queue.name, exc_info=True)
+                    return
 
     def on_iteration(self) -> None:
         if self._rebind_requested.is_set():

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 # While a subscription waits for its confirmation: ping again this often, seconds (a PUBLISH may overtake a
 # PSUBSCRIBE on its way to Redis).
 CONFIRM_PING_INTERVAL = 0.2
+# Longest wait for Redis's answer to one command, seconds (capped by ``heartbeat``); see connection_options.
+SOCKET_TIMEOUT = 5.0
 
 
 class RedisPubSubTopology(KombuPubSubTopology):
@@ -53,8 +55,14 @@ class RedisPubSubTopology(KombuPubSubTopology):
     def connection_options(
         cls, *, consumer: bool, heartbeat: float, transport_options: dict[str, Any]
     ) -> dict[str, Any]:
-        # No AMQP heartbeat on Redis: the consumer's liveness is the ping (see on_iteration).
-        return {"heartbeat": 0, "transport_options": dict(transport_options)}
+        # No AMQP heartbeat on Redis: the consumer's liveness is the ping (see on_iteration). A command (the ping,
+        # a publish, a subscription's bookkeeping) waits at most SOCKET_TIMEOUT seconds for Redis's answer, so a
+        # Redis that does not answer (frozen, or a half-open connection) is an error, not a wait for ever that would
+        # also hold a stop. (The subscription connection is read only when it has data: no timeout there.)
+        options = dict(transport_options)
+        options.setdefault("socket_timeout", min(heartbeat, SOCKET_TIMEOUT))
+        options.setdefault("socket_connect_timeout", min(heartbeat, SOCKET_TIMEOUT))
+        return {"heartbeat": 0, "transport_options": options}
 
     def queue(self, full_channel: str) -> Queue:
         """The instance's virtual queue for one channel."""

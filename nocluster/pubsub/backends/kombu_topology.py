@@ -39,6 +39,7 @@ class TopologyConfig:
       queue_expires: a queue outlives its consumer by this long, seconds.
       max_length: RabbitMQ: most messages kept for a slow node.
       exchange: the backend's fanout exchange of a full channel (shared with ``publish``).
+      durable: RabbitMQ: the instance's queue is durable (it and its messages outlive a broker restart).
     """
 
     namespace: str
@@ -47,6 +48,7 @@ class TopologyConfig:
     queue_expires: float
     max_length: int
     exchange: Callable[[str], Exchange]
+    durable: bool = False
 
     def queue_name(self, full_channel: str | None = None) -> str:
         """``{app.name}.pubsub.{instance_id}``, with ``.{full_channel}`` for a per-channel queue."""
@@ -74,6 +76,8 @@ class KombuPubSubTopology(ABC):
 
     #: kombu ``Transport.driver_type`` values this topology serves.
     driver_types: ClassVar[tuple[str, ...]]
+    #: The broker can keep exchanges, queues and messages across its own restart (the ``durable`` option applies).
+    persistent: ClassVar[bool] = False
     #: Consumer options: acknowledge messages (False) or not, and how many the broker may push ahead.
     no_ack: ClassVar[bool]
     prefetch_count: ClassVar[int | None] = None
@@ -89,6 +93,12 @@ class KombuPubSubTopology(ABC):
         cls, *, consumer: bool, heartbeat: float, transport_options: dict[str, Any]
     ) -> dict[str, Any]:
         """Keyword arguments of ``kombu.Connection`` for the consumer (``consumer=True``) or publisher."""
+
+    @classmethod
+    def declare_exchange(cls, connection: Connection, exchange: Exchange) -> bool:
+        """Declare ``exchange`` for the publisher on ``connection``; False (the default) leaves it to
+        ``Producer.publish(declare=[exchange])``, True if this did it."""
+        return False
 
     @abstractmethod
     def queues(self, channels: set[str]) -> list[Queue]:
