@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 
@@ -178,6 +179,24 @@ def delete_run_queues() -> Iterator[None]:
         for name in sorted(USED_NAMES):
             for queue in channels:
                 channel.queue_delete(f"{name}.{queue}")
+        # The exchanges too (Celery's and pub/sub's are durable): AMQP cannot list them, rabbitmqctl can.
+        prefixes = tuple(f"{name}." for name in USED_NAMES)
+        for exchange in rabbitmq_exchanges():
+            if exchange.startswith(prefixes):
+                channel.exchange_delete(exchange)
+
+
+def rabbitmq_exchanges() -> list[str]:
+    """The exchanges of the local RabbitMQ's default vhost (empty, with a note, if rabbitmqctl cannot tell)."""
+    try:
+        listed = subprocess.run(
+            ["rabbitmqctl", "list_exchanges", "-q", "--no-table-headers", "name"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"exchanges of this run not deleted: rabbitmqctl: {exc}")
+        return []
+    return listed.stdout.split()
 
 
 @pytest.hookimpl(trylast=True)
