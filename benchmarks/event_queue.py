@@ -8,7 +8,8 @@ task and the event queue channel, with the same worker settings (late ack, prefe
 - ``raw_limits``: the same with the soft/hard time limits the event queue sets for a 15 s timeout (the
   worker's main process pays for a timer per task with limits: that is the price of stopping work that
   ignores its timeout, not of the event queue);
-- ``event_queue``: ``app.event_queue.publish``.
+- ``event_queue``: ``app.event_queue.publish``;
+- ``eq_many``: ``app.event_queue.publish_many`` in batches of 100 (``BENCH_QUEUE_BATCH``).
 
 Printed per broker and path: enqueue rate, throughput from the first enqueue to the last start,
 enqueue-to-start p50, lost and duplicated (rates averaged over the rounds), then the event queue's ratios
@@ -25,7 +26,9 @@ from pathlib import Path
 # Run as a script, this file's folder comes first on sys.path, where this "queue" would shadow the standard
 # library's (which redis-py imports): drop it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project (settings, nocluster)
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -40,7 +43,8 @@ from urllib.parse import urlsplit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N = int(os.environ.get("BENCH_QUEUE_MESSAGES", "10000"))
-KINDS = ("raw", "raw_limits", "event_queue")
+KINDS = ("raw", "raw_limits", "event_queue", "eq_many")
+BATCH = int(os.environ.get("BENCH_QUEUE_BATCH", "100"))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKERS = {"redis": REDIS_URL, "amqp": os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")}
 
@@ -66,7 +70,7 @@ def done_key(kind: str) -> str:
 
 
 def noop(payload: Any, context: Any) -> None:
-    client().rpush(done_key("event_queue"), json.dumps([payload["i"], time.time()]))
+    client().rpush(done_key(payload.get("kind", "event_queue")), json.dumps([payload["i"], time.time()]))
 
 
 def raw_noop(i: int, kind: str = "raw") -> None:
@@ -152,6 +156,13 @@ def publish_and_wait() -> None:
         started = time.time()
         if kind == "event_queue":
             sent = {i: (time.time(), app.event_queue.publish("bench", {"i": i}, timeout=15))[0] for i in range(N)}
+        elif kind == "eq_many":
+            sent = {}
+            for start in range(0, N, BATCH):
+                batch = [{"i": i, "kind": kind} for i in range(start, min(N, start + BATCH))]
+                at = time.time()
+                app.event_queue.publish_many("bench", batch, timeout=15)
+                sent.update((payload["i"], at) for payload in batch)
         else:
             # raw_limits: the time limits the event queue sets for timeout=15 (soft 15 + grace, hard 15 + 2 grace)
             limits = {"soft_time_limit": 20, "time_limit": 25} if kind == "raw_limits" else {}
@@ -210,11 +221,10 @@ def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
             f"  {kind:<12} {row['enqueue_per_s']:>10.0f} {row['throughput_per_s']:>10.0f} "
             f"{row['p50_ms']:>10.1f} {row['lost']:>6.0f} {row['duplicated']:>6.0f}"
         )
-    ours = figures["event_queue"]
-    for baseline in ("raw", "raw_limits"):
-        raw = figures[baseline]
+    for kind, baseline in itertools.product(("event_queue", "eq_many"), ("raw", "raw_limits")):
+        ours, raw = figures[kind], figures[baseline]
         print(
-            f"  event_queue/{baseline}: enqueue {ours['enqueue_per_s'] / raw['enqueue_per_s']:.2f}, "
+            f"  {kind}/{baseline}: enqueue {ours['enqueue_per_s'] / raw['enqueue_per_s']:.2f}, "
             f"throughput {ours['throughput_per_s'] / raw['throughput_per_s']:.2f}, "
             f"p50 latency {ours['p50_ms'] / raw['p50_ms']:.2f} (lower is better)"
         )
@@ -253,6 +263,9 @@ def cleanup(name: str, url: str) -> None:
         with Connection(url) as conn:
             for queue in ("raw", "bench", "celery", *plugin_channels()):
                 Queue(f"{name}.{queue}")(conn.default_channel).delete()
+            if not url.startswith("redis"):
+                for exchange in rabbitmq_exchanges(f"{name}."):
+                    conn.default_channel.exchange_delete(exchange)
     except Exception as exc:
         print(f"  (queues of {name} not deleted: {exc})")
     redis_client = redis.Redis.from_url(REDIS_URL)
@@ -262,6 +275,15 @@ def cleanup(name: str, url: str) -> None:
     members = [m for m, _ in redis_client.zscan_iter("_kombu.binding_deadlines", match=f"{name}.*", count=500)]
     if members:
         redis_client.zrem("_kombu.binding_deadlines", *members)
+
+
+def rabbitmq_exchanges(prefix: str) -> list[str]:
+    """The local RabbitMQ's exchanges whose name starts with ``prefix`` (durable ones outlive the run)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_exchanges", "-q", "--no-table-headers", "name"], capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    return [exchange for exchange in listed.stdout.split() if exchange.startswith(prefix)]
 
 
 def plugin_channels() -> list[str]:

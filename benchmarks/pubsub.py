@@ -65,10 +65,16 @@ def raw_connection(url: str) -> Any:
     return Connection(url, transport_options=options)
 
 
+# The raw baseline does on RabbitMQ what the project does (NOCLUSTER_PUBSUB_DURABLE, default on): durable exchange and
+# queue, persistent messages; or all transient.
+DURABLE = os.environ.get("NOCLUSTER_PUBSUB_DURABLE", "true").strip().lower() in ("1", "true", "yes", "on")
+DELIVERY_MODE = 2 if DURABLE else 1
+
+
 def raw_exchange(name: str) -> Any:
     from kombu import Exchange
 
-    return Exchange(f"{name}.{CHANNEL}", type="fanout", durable=False, auto_delete=False, delivery_mode=1)
+    return Exchange(f"{name}.{CHANNEL}", type="fanout", durable=DURABLE, auto_delete=False, delivery_mode=DELIVERY_MODE)
 
 
 # --- subscriber process ---------------------------------------------------------------------------------
@@ -119,8 +125,8 @@ def raw_subscriber(url: str, name: str, on_message: Any, done: threading.Event, 
                 unacked.clear()
 
     arguments = {} if is_redis else {"max_length": 100_000}
-    queue = Queue(f"{name}.raw.{uuid.uuid4().hex}", exchange=raw_exchange(name), routing_key="", durable=False,
-                  auto_delete=True, expires=60, **arguments)  # fmt: skip
+    queue = Queue(f"{name}.raw.{uuid.uuid4().hex}", exchange=raw_exchange(name), routing_key="",
+                  durable=DURABLE and not is_redis, auto_delete=True, expires=60, **arguments)  # fmt: skip
     with raw_connection(url) as conn, Consumer(conn, queues=[queue], callbacks=[callback], accept=["json"],
                                                no_ack=is_redis, prefetch_count=None if is_redis else 1000):  # fmt: skip
         print("ready", flush=True)
@@ -166,7 +172,7 @@ def run(mode: str, broker: str, count: int, subscribers: int) -> dict[str, float
         producer, exchange = Producer(conn), raw_exchange(name)
         publish = lambda n: producer.publish(  # noqa: E731
             {"n": n, "t": time.time()}, exchange=exchange, routing_key="", serializer="json", declare=[exchange],
-            delivery_mode=1, retry=True,
+            delivery_mode=DELIVERY_MODE, retry=True,
         )  # fmt: skip
         publish(-1)
         closer = conn.release
@@ -185,6 +191,7 @@ def run(mode: str, broker: str, count: int, subscribers: int) -> dict[str, float
         unique += result["unique"]
         received += result["received"]
         cpu += result["cpu"]
+    delete_exchange(url, raw_exchange(name).name)
     latencies.sort()
     return {
         "rate": (count - 1) / elapsed,
@@ -202,6 +209,14 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     merged["lost"] = max(run["lost"] for run in runs)
     merged["duplicated"] = max(run["duplicated"] for run in runs)
     return merged
+
+
+def delete_exchange(url: str, exchange: str) -> None:
+    """The run's exchange (durable on RabbitMQ: it would outlive the run); Redis keeps no exchange."""
+    if url.startswith("redis"):
+        return
+    with raw_connection(url) as conn:
+        conn.default_channel.exchange_delete(exchange)
 
 
 def main() -> int:

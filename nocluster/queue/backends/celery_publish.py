@@ -187,7 +187,15 @@ class CeleryPublisher:
             # Inherited over fork: its socket is the parent's, so it is dropped, never used or closed here.
         transport = OneClientTransport if self.redis else None
         connection = self.celery_app.connection_for_write(transport=transport)
-        return KeptProducer(os.getpid(), connection, Producer(connection))
+        try:
+            # Connect within the publish retry policy: left to itself, the first use of a new connection retries
+            # with the transport's own defaults (about 6 s on Redis) before a publish can fail.
+            connection.ensure_connection(**RETRY_POLICY)
+            return KeptProducer(os.getpid(), connection, Producer(connection))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.release()
+            raise
 
     def close(self) -> None:
         """Close the kept producers' connections (those of this process)."""
