@@ -17,6 +17,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from nocluster.cache.local import MISSING
 from nocluster.cache.stores import delete_prefix
 from nocluster.cache.values import checked
 from nocluster.durations import seconds
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 logger = logging.getLogger("nocluster.cache")
-_MISSING = object()
+_MISSING: Any = MISSING
 
 # The stampede guard of wrap(): one filler per key at a time across the cluster (seconds).
 FILL_LOCK_TTL = 10.0
@@ -52,6 +53,8 @@ class Cache:
     ``ttl`` arguments are seconds: ``None`` means the cache's default (``create_cache(ttl=...)``, else the
     store's ``TIMEOUT``); ``0`` or less stores nothing and removes the key, as Django's cache does.
     """
+
+    local_max_entries: int | None = None  # a near cache's bound (NearCache); None: no local tier
 
     def __init__(
         self, app_name: str, locks: LockManager, name: str, prefix: str, store_alias: str, ttl: float | None
@@ -105,8 +108,12 @@ class Cache:
     # --- single keys ---------------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
-        value = self.store.get(self.full_key(key), _MISSING)
+        value = self._lookup(key)
         return default if value is _MISSING else value
+
+    def _lookup(self, key: str) -> Any:
+        """The value of ``key``, or ``_MISSING`` (what every read goes through; the near cache adds its tier)."""
+        return self.store.get(self.full_key(key), _MISSING)
 
     def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
         """Store ``value`` (a JSON value) under ``key`` for ``ttl`` seconds."""
@@ -179,7 +186,7 @@ class Cache:
           is_cacheable: decides whether the result is stored; by default anything but ``None`` is.
         """
         if use_cache:
-            value = self.store.get(self.full_key(key), _MISSING)
+            value = self._lookup(key)
             if value is not _MISSING:
                 return value
         return self._fill(key, fn, use_cache, is_cacheable, ttl)
@@ -196,7 +203,7 @@ class Cache:
         try:
             if lock is not None and waited and use_cache:
                 # Fetch the value again: the holder before us may have filled the key while we waited.
-                value = self.store.get(self.full_key(key), _MISSING)
+                value = self._lookup(key)
                 if value is not _MISSING:
                     return value
                 # It computed nothing storable: do not make the callers behind us wait for our fn() too.
