@@ -113,6 +113,11 @@ class CacheManager(Component):
             invalidations=self._invalidations, max_entries=max_entries,
         )  # fmt: skip
 
+    @property
+    def invalidations(self) -> CacheInvalidations | None:
+        """This node's near-cache invalidations (None until the first near cache is created)."""
+        return self._invalidations
+
     def after_fork(self) -> None:
         """In a forked child: near caches forget their values (the child is not listening yet)."""
         self._lock = threading.Lock()
