@@ -2,7 +2,9 @@
 
 Prints per-operation p50/p99 (µs) and throughput, and the ratio of nocluster's throughput to raw
 django-redis's on the same Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``), the two called
-alternately so that both see the same machine load. Keys live under a unique prefix and are removed at the end.
+alternately so that both see the same machine load. The near cache (``local=True``) row reads hot keys from
+process memory; its pub/sub is the project's (``PUBSUB_URL``/``BROKER_URL``, else in-process). Keys live under
+a unique prefix and are removed at the end.
 """
 
 from __future__ import annotations
@@ -73,15 +75,20 @@ def _figures(samples: list[float]) -> Figures:
 def main() -> None:
     raw = caches["default"]
     ours = app.cache_manager.create_cache(name="bench")
+    # The near cache listens for invalidations only while this node's pub/sub consumer runs.
+    app.pub_sub_manager.start()
+    near = app.cache_manager.create_cache(name="bench-near", local=True)
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
     value = {"user": 42, "roles": ["admin", "editor"], "name": "x" * 64}
     keys = [f"k{i}" for i in range(BATCH)]
     ours.mset(dict.fromkeys(keys, value))
+    near.mset(dict.fromkeys(keys, value))
     raw.set_many({f"raw-{app.name}:{k}": value for k in keys})
 
     rows = [
         ("get", lambda i: raw.get(f"raw-{app.name}:k{i % BATCH}"), lambda i: ours.get(f"k{i % BATCH}")),
         ("set", lambda i: raw.set(f"raw-{app.name}:k{i % BATCH}", value), lambda i: ours.set(f"k{i % BATCH}", value)),
+        ("near cache: hot get", lambda i: raw.get(f"raw-{app.name}:k{i % BATCH}"), lambda i: near.get(f"k{i % BATCH}")),
         (
             f"get_many({BATCH}) / mget",
             lambda i: raw.get_many([f"raw-{app.name}:{k}" for k in keys]),
@@ -101,6 +108,8 @@ def main() -> None:
             f"{o[2] / r[2]:>6.2f}"
         )
     ours.reset()
+    near.reset()
+    app.pub_sub_manager.stop()
     raw.delete_many([f"raw-{app.name}:{k}" for k in keys])
 
 

@@ -10,24 +10,29 @@ other fill or write of the key on this node (the ``alone`` rule: two writers on 
 either order, so neither keeps its value), and no clear of the whole tier (a reset, a reconnect, a gap).
 When in doubt the result is not kept, and the next read goes to the store.
 
-Values are kept as JSON text when they are lists or dicts, and decoded on every hit, so a caller who mutates
-what ``get`` returned does not change what the next caller gets (as LocMemCache pickles); str, int, float,
-bool and None are kept as they are. Expiry uses ``time.monotonic()``.
+Lists and dicts are kept serialised and rebuilt on every hit, so a caller who mutates what ``get`` returned
+does not change what the next caller gets (LocMemCache pickles for the same reason); str, int, float, bool and
+None are kept as they are. The serialisation is ``marshal``: these bytes never leave the process, and rebuilding
+a small dict from them takes a third of ``json.loads``'s time (1 µs), most of a hit. A value is first made what
+a JSON round trip through the store would give (a tuple becomes a list, an ``IntEnum`` an int), so the tier never
+returns something the store would not. Expiry uses ``time.monotonic()``.
 """
 
 from __future__ import annotations
 
 import json
+import marshal
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from nocluster.cache.values import is_plain_json
 from nocluster.envelope import dumps
 
 MISSING: Any = object()
-_CONTAINERS = (dict, list)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class LocalTier:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        # key -> (value or its JSON text, is it JSON text, monotonic expiry or None for none)
+        # key -> (value or its marshal bytes, is it serialised, monotonic expiry or None for none)
         self._entries: OrderedDict[str, tuple[Any, bool, float | None]] = OrderedDict()
         self._clock = 0
         self._generation = 0
@@ -72,7 +77,7 @@ class LocalTier:
                 del self._entries[key]
                 return MISSING
             self._entries.move_to_end(key)
-        return json.loads(value) if encoded else value
+        return marshal.loads(value) if encoded else value  # noqa: S302 (bytes this process made, see above)
 
     def begin(self, key: str, write: bool) -> Ticket:
         """Take a ticket before reading (``write=False``) or writing ``key`` in the store; a write drops the
@@ -94,7 +99,7 @@ class LocalTier:
         """End ``ticket``; keep ``value`` (a JSON value) if nothing else happened to the key meanwhile, until
         ``ttl`` seconds after the ticket was taken (None: no expiry), so never longer than the store keeps it.
         Without a value it only ends the ticket. Returns whether the value was kept."""
-        stored = (dumps(value), True) if isinstance(value, _CONTAINERS) else (value, False)  # outside the lock
+        stored = _kept(value)  # outside the lock
         expires = None if ttl is None else ticket.started + ttl
         with self._lock:
             state = self._busy[ticket.key]
@@ -130,3 +135,14 @@ class LocalTier:
         """The keys held now, least recently used first (expired ones included until read)."""
         with self._lock:
             return list(self._entries)
+
+
+def _kept(value: Any) -> tuple[Any, bool]:
+    """What the tier keeps for ``value``: (the value, False) for a plain scalar, else (marshal bytes, True)."""
+    if type(value) in _SCALARS or value is MISSING:
+        return value, False
+    if not is_plain_json(value, 0):
+        value = json.loads(dumps(value))  # as the store would give it back
+        if type(value) in _SCALARS:
+            return value, False
+    return marshal.dumps(value), True

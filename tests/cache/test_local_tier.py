@@ -88,3 +88,17 @@ def test_a_fill_overlapping_a_write_on_the_same_node_is_not_kept() -> None:
     assert not tier.finish(write, "new")  # the write finishes while the read is still in flight
     assert not tier.finish(read, "old")  # and the read finishes last, with what it may have read before
     assert tier.get("k") is MISSING
+
+
+def test_the_tier_gives_back_what_a_json_round_trip_through_the_store_would() -> None:
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    tier = LocalTier(max_entries=10)
+    fill(tier, "t", {"pair": (1, 2), "level": Level.HIGH})
+    fill(tier, "e", Level.HIGH)
+    assert tier.get("t") == {"pair": [1, 2], "level": 3}
+    assert type(tier.get("t")["level"]) is int
+    assert type(tier.get("e")) is int
