@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from nocluster.envelope import JSON, wire_field, wire_id, wire_object
 from nocluster.errors import MalformedMessage
-from nocluster.sync.sequence import GapDetector, SequenceCounter
 
 if TYPE_CHECKING:
     from nocluster.cache.local import LocalTier
     from nocluster.identity import NodeIdentity
     from nocluster.pubsub.manager import PubSubManager
+    from nocluster.sync.sequence import GapDetector, SequenceCounter
 
 logger = logging.getLogger("nocluster.cache")
 
@@ -53,8 +53,7 @@ class CacheInvalidations:
         # seq N+1 on the wire before seq N would look like a gap and clear every tier for nothing.
         self._send_lock = threading.Lock()
         self._tiers: dict[str, LocalTier] = {}
-        self._sequences = SequenceCounter()
-        self._gaps = GapDetector()
+        self._sequences, self._gaps = _sequence_tools()
         self._subscribed = False
         self._was_listening = False
         self.clears = 0  # how many times every tier was cleared (reconnects, gaps, disconnects): for tests and logs
@@ -104,8 +103,7 @@ class CacheInvalidations:
         """In a forked child (a new node, not yet listening): forget the parent's numbers and values."""
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._sequences = SequenceCounter()
-        self._gaps = GapDetector()
+        self._sequences, self._gaps = _sequence_tools()
         self._was_listening = False
         self._clear_all("fork")
 
@@ -151,3 +149,11 @@ class CacheInvalidations:
             tier.clear()
         if tiers:
             logger.info("near caches of instance %s cleared (%s)", self.identity.instance_id, reason)
+
+
+def _sequence_tools() -> tuple[SequenceCounter, GapDetector]:
+    """A sequence counter and a gap detector, the sync messages' own (not imported at load time: components do
+    not load each other's modules, see tests/core/test_architecture.py; these two are plain data structures)."""
+    from nocluster.sync.sequence import GapDetector, SequenceCounter
+
+    return SequenceCounter(), GapDetector()
