@@ -7,10 +7,10 @@ Commands (JSON over stdin, see ``tests/node.py``), on the near cache ``hot`` (``
   watch {key}             start a thread polling ``get(key)`` every 0.2 ms; each new value is pushed as an event
                           ``{"event": "seen", "value": v, "at": time.monotonic()}``. And check, right after each
                           invalidation of ``key`` is applied (a second subscriber of the invalidation channel, called
-                          after the cache's own), that ``get(key)`` is at least the number of invalidations so far:
-                          the writer writes 1, 2, 3... and publishes after writing, so anything less is a stale
-                          value served after its invalidation arrived.
-  stale {}                the stale reads found by ``watch``: list of [invalidations so far, value read]
+                          after the cache's own), that ``get(key)`` is at least ``seq - 1``: the one writer writes
+                          0, 1, 2... and nothing else, so its invalidation number ``seq`` follows its write of
+                          ``seq - 1``; anything less is a stale value served after its invalidation arrived.
+  stale {}                the stale reads found by ``watch``: list of [seq, value read]
   state {}                {"connected", "clears"}: pub/sub consumer bound; how many times every tier was cleared
 and everything ``tests.node.default_handler`` understands (``ping``, ``eval``).
 
@@ -41,15 +41,12 @@ def _watch(key: str) -> None:
     from nocluster import app
 
     near = _near()
-    invalidations = [0]
 
     def check(message: Any) -> None:
-        keys = message.get("keys")
-        if keys is None or key in keys:
-            invalidations[0] += 1
+        if key in (message.get("keys") or ()):
             value = near.get(key)
-            if not isinstance(value, int) or value < invalidations[0]:
-                _stale.append([invalidations[0], value])
+            if not isinstance(value, int) or value < message["seq"] - 1:
+                _stale.append([message["seq"], value])
 
     app.pub_sub_manager.subscribe(CHANNEL, check)
 

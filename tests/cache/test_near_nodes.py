@@ -46,6 +46,7 @@ def test_a_write_reaches_the_other_nodes_local_tier_within_the_pubsub_latency(
 ) -> None:
     a, b, _ = writer_and_reader
     # Given B polls the key through its near cache, and checks it right after each invalidation is applied
+    # (A's first write: its invalidations are numbered from it)
     a.request({"cmd": "set", "key": "n", "value": 0})
     b.request({"cmd": "watch", "key": "n"})
     seen(b, 0)
