@@ -98,7 +98,7 @@ class Application:
 
     @cached_property
     def cache_manager(self) -> CacheManager:
-        return CacheManager(self._identity(), self.lock_manager)
+        return CacheManager(self._identity(), self.lock_manager, self.pub_sub_manager)
 
     @property
     def cache(self) -> Cache:

@@ -2,5 +2,6 @@
 
 from nocluster.cache.cache import Cache
 from nocluster.cache.manager import CacheManager
+from nocluster.cache.near import NearCache
 
-__all__ = ["Cache", "CacheManager"]
+__all__ = ["Cache", "CacheManager", "NearCache"]

@@ -1,4 +1,5 @@
-"""A cache fixture run on every store: LocMemCache and django-redis on the real Redis."""
+"""A cache fixture run on every store (LocMemCache, django-redis on the real Redis) and on both kinds of cache
+(plain, and near: ``local=True`` with its pub/sub started on an in-process bus of the test's own)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ def store(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "redis"
 
 
+def local_pubsub(bus: str) -> dict[str, object]:
+    return {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {"bus": bus}}
+
+
 @pytest.fixture
-def cache_app(store: str, app_name: str) -> Application:
-    """An application of its own name; on Redis its locks are Redis locks too."""
-    config: dict[str, object] = {"NAME": app_name}
+def cache_app(store: str, app_name: str) -> Iterator[Application]:
+    """An application of its own name; on Redis its locks are Redis locks too. Its pub/sub is stopped after."""
+    config: dict[str, object] = {"NAME": app_name, "PUBSUB": local_pubsub(app_name)}
     if store == "redis":
         from settings.test import TEST_REDIS_URL
 
@@ -46,9 +51,15 @@ def cache_app(store: str, app_name: str) -> Application:
             "BACKEND": "nocluster.locks.backends.redis.RedisLockBackend",
             "OPTIONS": {"url": TEST_REDIS_URL},
         }
-    return Application(config)
+    application = Application(config)
+    yield application
+    application.pub_sub_manager.stop()
 
 
-@pytest.fixture
-def cache(cache_app: Application, store: str) -> Cache:
-    return cache_app.cache_manager.create_cache(name="things", store=store)
+@pytest.fixture(params=["plain", "near"])
+def cache(cache_app: Application, store: str, request: pytest.FixtureRequest) -> Cache:
+    """The cache named ``things``: a plain one, then a near one (``local=True``, its node listening)."""
+    if request.param == "plain":
+        return cache_app.cache_manager.create_cache(name="things", store=store)
+    cache_app.pub_sub_manager.start()
+    return cache_app.cache_manager.create_cache(name="things", store=store, local=True)
