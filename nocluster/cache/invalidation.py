@@ -76,7 +76,7 @@ class CacheInvalidations:
         consumer is away is lost (Redis pub/sub) or late (RabbitMQ), so nothing in the tiers can be trusted.
         """
         pubsub = self.pubsub
-        up = self._subscribed and pubsub.started and pubsub.backend.connected
+        up = self._subscribed and pubsub.connected
         if up != self._was_listening:
             self._was_listening = up
             if not up:

@@ -197,6 +197,11 @@ class PubSubManager(Component):
                 f'{self.max_message_bytes} that NOCLUSTER["PUBSUB"]["MAX_MESSAGE_BYTES"] allows'
             )
 
+    @property
+    def connected(self) -> bool:
+        """True while this node's consumer is started, connected and bound (it receives what is published)."""
+        return self.started and self.backend.connected
+
     def on_reconnect(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` each time the backend reconnects (not on the first connect): messages may have
         been missed while it was away."""

@@ -196,9 +196,11 @@ class KombuConsumerThread(ConsumerMixin):
             self._revival_pending = True
 
     def _revived(self) -> None:
-        self.bound.set()
+        # Listeners first: whoever sees the node bound again must not find state from before the drop (a near
+        # cache still holding values that changed while it was cut off).
         if self._listener is not None:
             self._listener.connection_revived(self.connections > 1)
+        self.bound.set()
 
     def on_consume_end(self, connection: Connection, channel: Any) -> None:
         self.bound.clear()
