@@ -66,19 +66,18 @@ def _problem(value: Any) -> tuple[str, str] | None:
     if value is None or isinstance(value, (bool, int, list, tuple)):
         return None
     if isinstance(value, str):
-        return (
-            None if value.isascii() or _encodable(value) else ("a str", "cannot be encoded as UTF-8 (lone surrogate)")
-        )
+        return None if value.isascii() or encodable(value) else ("a str", "cannot be encoded as UTF-8 (lone surrogate)")
     if isinstance(value, float):
         return None if math.isfinite(value) else (repr(value), "is not valid JSON (NaN/Infinity)")
     if isinstance(value, dict):
-        bad = next((key for key in value if not isinstance(key, str) or not _encodable(key)), None)
+        bad = next((key for key in value if not isinstance(key, str) or not encodable(key)), None)
         return None if bad is None else (f"key {bad!r}", "is not a str that UTF-8 can encode; JSON keys are str")
     kinds = "dict, list, str, int, float, bool or None"
     return type(value).__name__, f"is not JSON-serialisable (payloads are {kinds})"
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether UTF-8 can encode ``text`` (False for a lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nocluster.envelope import JSON, MAX_DEPTH, ensure_json
+from nocluster.envelope import JSON, MAX_DEPTH, encodable, ensure_json
 
 # Deeper values are rare; they take the full check (which allows up to MAX_DEPTH).
 _FAST_DEPTH = min(32, MAX_DEPTH)
@@ -31,7 +31,7 @@ def is_plain_json(value: Any, depth: int) -> bool:
     finite floats, str keys and strings UTF-8 can encode, nested less than 32 deep. False means "not sure"."""
     kind = type(value)
     if kind is str:
-        return value.isascii() or _encodable(value)
+        return value.isascii() or encodable(value)
     if kind in _SCALARS:
         return True
     if kind is float:
@@ -40,7 +40,7 @@ def is_plain_json(value: Any, depth: int) -> bool:
         return False
     if kind is dict:
         for item_key, item in value.items():
-            if type(item_key) is not str or not (item_key.isascii() or _encodable(item_key)):
+            if type(item_key) is not str or not (item_key.isascii() or encodable(item_key)):
                 return False
             if not is_plain_json(item, depth + 1):
                 return False
@@ -51,11 +51,3 @@ def is_plain_json(value: Any, depth: int) -> bool:
                 return False
         return True
     return False
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

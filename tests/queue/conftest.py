@@ -10,6 +10,7 @@ handlers recorded (:mod:`tests.queue.scenarios`: JSON events on a Redis list) an
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from django.db import connection
 from kombu import Connection
 
 from nocluster import Application
+from nocluster.models import FailedMessage
 from nocluster.queue.backends.celery import celery_queue
 from settings.test import RUN_ID
 from tests.conftest import server_unavailable, unique_name
@@ -183,3 +185,23 @@ def _in_process(request: pytest.FixtureRequest) -> Cluster:
 def cluster(request: pytest.FixtureRequest) -> Cluster:
     """Celery on each broker in turn (for what only the Celery backend has)."""
     return request.getfixturevalue(f"{request.param}_cluster")
+
+
+def kill_workers_until_recorded_failed(cluster: Cluster, message_id: str) -> FailedMessage:
+    """Start again every worker ``message_id`` kills (as systemd would; it may die again before it says ready)
+    until the message is recorded failed; return the record once the queue drained."""
+    restarts = itertools.count(1)
+
+    def recorded_or_restart() -> bool:
+        for index, worker in enumerate(cluster.workers):
+            if not worker.alive:
+                worker.stop()
+                name = f"k{next(restarts)}-{cluster.name}"
+                cluster.workers[index] = Worker(name, cluster.env, include=cluster.include)
+        return FailedMessage.objects.filter(message_id=message_id).exists()
+
+    wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+    for worker in cluster.workers:
+        worker.wait_ready()
+    cluster.drain()
+    return FailedMessage.objects.get(message_id=message_id)

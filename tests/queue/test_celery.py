@@ -7,7 +7,6 @@ last in the module and replaces the worker it killed. What every backend does is
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import time
@@ -21,9 +20,9 @@ from nocluster.models import FailedMessage
 from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue import scenarios
-from tests.queue.conftest import CELERY_BACKEND, Cluster, cleanup, cluster_env
+from tests.queue.conftest import CELERY_BACKEND, Cluster, cleanup, cluster_env, kill_workers_until_recorded_failed
 from tests.queue.scenarios import of
-from tests.queue.workers import LIMIT_OPTIONS, Worker, start_workers, stop_workers
+from tests.queue.workers import LIMIT_OPTIONS, start_workers, stop_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -101,26 +100,11 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_recorded_failed(
     # Given work that kills its whole worker (main process and pool) every time, on a supervised cluster
     message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=6)
 
-    # When every worker it kills is started again (as systemd would; it may die again before it says ready)
-    restarts = itertools.count(1)
-
-    def recorded_or_restart() -> bool:
-        for index, worker in enumerate(cluster.workers):
-            if not worker.alive:
-                worker.stop()
-                cluster.workers[index] = Worker(
-                    f"k{next(restarts)}-{cluster.name}", cluster.env, include=cluster.include
-                )
-        return FailedMessage.objects.filter(message_id=message_id).exists()
-
-    wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+    # When every worker it kills is started again
+    record = kill_workers_until_recorded_failed(cluster, message_id)
 
     # Then it killed its worker max_deliveries (5) times, was recorded failed with that reason, and ran no more
-    record = FailedMessage.objects.get(message_id=message_id)
     assert "its worker died 5 times" in record.error
-    for worker in cluster.workers:
-        worker.wait_ready()
-    cluster.drain()
     assert len(of(cluster.events("kill-worker"), message_id)) == 5
 
 

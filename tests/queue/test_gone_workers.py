@@ -7,7 +7,6 @@ died (no Celery worker needed); the others run real Celery workers, killed with 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -22,7 +21,6 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from nocluster import Application
-from nocluster.models import FailedMessage
 from nocluster.queue.backends.gone_workers import (
     ALIVE_KEY,
     WORKERS_KEY,
@@ -34,9 +32,16 @@ from nocluster.queue.backends.gone_workers import (
 from tests.conftest import unique_name
 from tests.helpers import ROOT, wait_until
 from tests.queue import scenarios
-from tests.queue.conftest import CELERY_BACKEND, Cluster, cleanup, cluster_env, delete_keys
+from tests.queue.conftest import (
+    CELERY_BACKEND,
+    Cluster,
+    cleanup,
+    cluster_env,
+    delete_keys,
+    kill_workers_until_recorded_failed,
+)
 from tests.queue.scenarios import of
-from tests.queue.workers import QUEUE_LIMITS, Worker, start_workers, stop_workers
+from tests.queue.workers import QUEUE_LIMITS, start_workers, stop_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -328,23 +333,10 @@ def test_a_message_that_keeps_killing_its_whole_worker_on_redis_is_recorded_fail
     cluster = quick_cluster
     # Given work that kills its whole worker every time, on a supervised cluster on Redis
     message_id = cluster.app.event_queue.publish("kill-worker", None, timeout=6)
-    restarts = itertools.count(1)
-
-    def recorded_or_restart() -> bool:
-        for index, worker in enumerate(cluster.workers):
-            if not worker.alive:
-                worker.stop()
-                name = f"k{next(restarts)}-{cluster.name}"
-                cluster.workers[index] = Worker(name, cluster.env, include=cluster.include)
-        return FailedMessage.objects.filter(message_id=message_id).exists()
 
     # When every killed worker is started again, the message comes back each time from the gone worker's hash
-    wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+    record = kill_workers_until_recorded_failed(cluster, message_id)
 
     # Then it killed its worker max_deliveries (5) times, was recorded failed, and ran no more
-    record = FailedMessage.objects.get(message_id=message_id)
     assert "its worker died 5 times" in record.error
-    for worker in cluster.workers:
-        worker.wait_ready()
-    cluster.drain()
     assert len(of(cluster.events("kill-worker"), message_id)) == 5
