@@ -176,15 +176,21 @@ class CeleryPublisher:
         else:
             kept.connection.release()
 
-    def _acquire(self) -> KeptProducer:
+    def _take_kept(self) -> KeptProducer | None:
+        """A kept producer of this process, or None. One inherited over fork is dropped, never used or closed
+        here: its socket is the parent's."""
         while True:
             try:
                 kept = self._idle.get_nowait()
             except stdlib_queue.Empty:
-                break
+                return None
             if kept.pid == os.getpid():
                 return kept
-            # Inherited over fork: its socket is the parent's, so it is dropped, never used or closed here.
+
+    def _acquire(self) -> KeptProducer:
+        kept = self._take_kept()
+        if kept is not None:
+            return kept
         transport = OneClientTransport if self.redis else None
         connection = self.celery_app.connection_for_write(transport=transport)
         try:
@@ -199,14 +205,9 @@ class CeleryPublisher:
 
     def close(self) -> None:
         """Close the kept producers' connections (those of this process)."""
-        while True:
-            try:
-                kept = self._idle.get_nowait()
-            except stdlib_queue.Empty:
-                return
-            if kept.pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    kept.connection.release()
+        while (kept := self._take_kept()) is not None:
+            with contextlib.suppress(Exception):
+                kept.connection.release()
 
 
 class Confirms:
