@@ -45,8 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 N = int(os.environ.get("BENCH_QUEUE_MESSAGES", "10000"))
 KINDS = ("raw", "raw_limits", "event_queue", "eq_many")
 BATCH = int(os.environ.get("BENCH_QUEUE_BATCH", "100"))
+# Channels the worker consumes (one carries the messages, the others stay idle), to see what more queues cost.
+CHANNELS = int(os.environ.get("BENCH_QUEUE_CHANNELS", "1"))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKERS = {"redis": REDIS_URL, "amqp": os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")}
+BROKERS = {name: url for name, url in BROKERS.items() if name in os.environ.get("BENCH_QUEUE_BROKERS", "redis,amqp")}
 
 
 # --- the work, the same two ways (imported by the worker with ``-I benchmarks.event_queue``) -----------------------
@@ -83,6 +86,8 @@ def register() -> Any:
     from nocluster.celery import app as celery_app
 
     app.event_queue.subscribe("bench", noop, concurrency=64)
+    for extra in range(1, CHANNELS):  # idle channels the worker consumes too (BENCH_QUEUE_CHANNELS)
+        app.event_queue.subscribe(f"idle{extra}", noop)
     return celery_app.task(name="bench.raw_noop", ignore_result=True)(raw_noop)
 
 
@@ -214,7 +219,10 @@ def collect(kind: str, sent: dict[int, float], started: float, enqueued: float) 
 
 # --- the driver -------------------------------------------------------------------------------------------------
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
-    print(f"\n{broker}: {N} trivial messages per path and round, 2 rounds, 1 worker x 2 prefork processes")
+    print(
+        f"\n{broker}: {N} trivial messages per path and round, 2 rounds, 1 worker x 2 prefork processes, "
+        f"{CHANNELS} channel(s) consumed"
+    )
     print(f"  {'path':<12} {'enqueue/s':>10} {'done/s':>10} {'p50 ms':>10} {'lost':>6} {'dup':>6}")
     for kind, row in figures.items():
         print(
@@ -261,7 +269,8 @@ def cleanup(name: str, url: str) -> None:
 
     try:
         with Connection(url) as conn:
-            for queue in ("raw", "bench", "celery", *plugin_channels()):
+            idle = [f"idle{extra}" for extra in range(1, CHANNELS)]
+            for queue in ("raw", "bench", "celery", *idle, *plugin_channels()):
                 Queue(f"{name}.{queue}")(conn.default_channel).delete()
             if not url.startswith("redis"):
                 for exchange in rabbitmq_exchanges(f"{name}."):

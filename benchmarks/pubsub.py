@@ -212,8 +212,16 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def delete_exchange(url: str, exchange: str) -> None:
-    """The run's exchange (durable on RabbitMQ: it would outlive the run); Redis keeps no exchange."""
+    """The run's exchange (durable on RabbitMQ: it would outlive the run); on Redis, the run's members of kombu's
+    shared sorted set of expiring bindings."""
     if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        prefix = exchange.split(".", 1)[0]
+        members = [m for m, _ in client.zscan_iter("_kombu.binding_deadlines", match=f"{prefix}.*", count=500)]
+        if members:
+            client.zrem("_kombu.binding_deadlines", *members)
         return
     with raw_connection(url) as conn:
         conn.default_channel.exchange_delete(exchange)
