@@ -17,6 +17,7 @@ pub/sub (:mod:`nocluster.cache.invalidation`). What a caller can rely on:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +120,13 @@ class NearCache(Cache):
 
     def reset(self) -> int:
         """As :meth:`Cache.reset`; every node's tier of this cache is cleared."""
-        removed = super().reset()
+        try:
+            removed = super().reset()
+        except BaseException:  # the store may be cleared partway: keep nothing here, and tell the others anyway
+            self.tier.clear()
+            with contextlib.suppress(Exception):
+                self.invalidations.publish(self.name, None)
+            raise
         self.tier.clear()  # after the store: a read of the old values in flight is not kept
         self.invalidations.publish(self.name, None)
         return removed
@@ -133,11 +140,17 @@ class NearCache(Cache):
         tickets = [self.tier.begin(key, write=True) for key in changes]
         try:
             self._store_writes(full, values, timeout)
-        finally:
-            local_ttl = self._local_ttl(timeout)
+        except BaseException:
+            # The store may or may not have taken the write: keep nothing here, and tell the others anyway.
             for ticket in tickets:
-                value = values[ticket.key]
-                self.tier.finish(ticket, value if keep else MISSING, local_ttl)
+                self.tier.finish(ticket, MISSING, None)
+            with contextlib.suppress(Exception):
+                self.invalidations.publish(self.name, list(changes))
+            raise
+        local_ttl = self._local_ttl(timeout)
+        for ticket in tickets:
+            value = values[ticket.key]
+            self.tier.finish(ticket, value if keep else MISSING, local_ttl)
         self.invalidations.publish(self.name, list(changes))
 
     def _store_writes(self, full: dict[str, str], values: dict[str, Any], timeout: Any) -> None:

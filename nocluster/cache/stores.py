@@ -68,7 +68,8 @@ def _is_django_redis(store: BaseCache) -> bool:
 
 def _get_many_with_ttl_redis(store: Any, keys: list[str]) -> dict[str, tuple[Any, float | None]]:
     client = store.client  # django-redis's DefaultClient (Sentinel and Herd clients derive from it)
-    redis = client.get_client(write=False)
+    # The primary, not a replica: a replica's lagging value read after an invalidation would be kept locally.
+    redis = client.get_client(write=True)
     pipe = redis.pipeline(transaction=True)
     for key in keys:
         full = client.make_key(key)

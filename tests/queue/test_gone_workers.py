@@ -144,6 +144,17 @@ def test_a_dead_worker_s_deliveries_go_back_on_their_queue_once_marked_redeliver
     assert gone.restore_gone(client, prefix) == 0
 
 
+def test_a_dead_worker_that_was_never_listed_is_found_by_its_hash(broker: Broker) -> None:
+    # Given 2 messages held by a worker process that died before it listed itself (its first beat failed)
+    broker.publish(2)
+    broker.hold_and_die("unlisted", 2)
+
+    # When a live worker looks for gone workers, it finds the hash and puts both back
+    client, prefix = plain_client(broker.connect())
+    assert broker.gone_workers().restore_gone(client, prefix) == 2
+    assert len(broker.waiting()) == 2 and broker.held() == 0
+
+
 def test_a_live_worker_s_deliveries_stay_where_they_are(broker: Broker) -> None:
     # Given 2 messages held by a worker whose liveness key has not expired (it is only slow)
     broker.publish(2)

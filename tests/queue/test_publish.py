@@ -15,6 +15,7 @@ from nocluster.queue.backends.celery_worker import TASK_NAME
 from nocluster.queue.message import Message
 from tests.conftest import unique_name
 from tests.queue.conftest import delete_keys
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
 
@@ -98,3 +99,21 @@ def test_a_batch_rabbitmq_refuses_is_not_reported_queued(amqp_url: str) -> None:
         assert len(project.taken(other)) == 3
     finally:
         project.close()
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_a_kept_connection_dropped_while_idle_is_replaced_without_an_error(broker_url: str, count: int) -> None:
+    # Given a publisher whose kept connection goes through a proxy, and one batch sent
+    with TcpProxy.for_broker(broker_url) as proxy:
+        project = Project(proxy.url(broker_url))
+        try:
+            queue = project.queue()
+            project.publisher.publish([Outgoing(queue, Message("work", n, 15.0, 0)) for n in range(count)])
+            # When the connection is dropped while idle (the broker restarted, a load balancer timed it out)
+            proxy.cut()
+            proxy.restore()
+            # Then the next batch goes out on a new connection, without an error, and nothing is lost
+            project.publisher.publish([Outgoing(queue, Message("work", n, 15.0, 0)) for n in range(count)])
+            assert len(project.taken(queue)) == 2 * count
+        finally:
+            project.close()

@@ -114,8 +114,11 @@ class CeleryPublisher:
                 with kept.producer.batch(max_size=len(batch) * 2):
                     for outgoing in batch:
                         self._send(kept.producer, outgoing, retry=False)
-            else:
+            elif kept.connection.transport.driver_type == "amqp":
                 self._send_confirmed(kept.connection, batch)
+            else:  # another kombu transport: one publish after another
+                for outgoing in batch:
+                    self._send(kept.producer, outgoing, retry=True)
 
     @staticmethod
     def _declare(kept: KeptProducer, queues: set[Queue]) -> None:
@@ -134,21 +137,35 @@ class CeleryPublisher:
     def _send_confirmed(self, connection: Connection, batch: Sequence[Outgoing]) -> None:
         """RabbitMQ: publish the batch on a channel of its own in confirm mode, then wait once for every confirm
         (py-amqp's confirm mode waits after each message). A fresh channel numbers its messages from 1."""
-        channel: Any = connection.channel()
-        try:
-            channel.confirm_select()
-            confirms = Confirms(channel)
-            for outgoing in batch:
-                task = self._task_message(outgoing)
-                content_type, encoding, body = dumps(task.body, serializer="json")
-                properties = {"delivery_mode": PERSISTENT_DELIVERY_MODE, **task.properties}
-                message = channel.prepare_message(body, 0, content_type, encoding, task.headers, properties)
-                amqp.Channel._basic_publish(channel, message, exchange="", routing_key=outgoing.queue.name)
-                confirms.sent += 1
-            confirms.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
+        channel = self._confirm_channel(connection)
+        confirms = Confirms(channel)
+        for outgoing in batch:
+            task = self._task_message(outgoing)
+            content_type, encoding, body = dumps(task.body, serializer="json")
+            properties = {"delivery_mode": PERSISTENT_DELIVERY_MODE, **task.properties}
+            message = channel.prepare_message(body, 0, content_type, encoding, task.headers, properties)
+            amqp.Channel._basic_publish(channel, message, exchange="", routing_key=outgoing.queue.name)
+            confirms.sent += 1
+        confirms.wait()
+        # Closed only after success: on an error the caller drops the whole connection without a handshake (a
+        # blocked connection would never answer a channel close).
+        channel.close()
+
+    @staticmethod
+    def _confirm_channel(connection: Connection) -> Any:
+        """A fresh channel in confirm mode. A kept connection that went stale while idle (no heartbeats on a
+        publisher) fails here, before anything was sent, so it is replaced and tried once more."""
+        for attempt in (1, 2):
+            try:
+                channel: Any = connection.channel()
+                channel.confirm_select()
+                return channel
+            except connection.connection_errors:
+                if attempt == 2:
+                    raise
+                connection.collect()
+                connection.ensure_connection(**RETRY_POLICY)
+        raise AssertionError("unreachable")
 
     def _task_message(self, outgoing: Outgoing) -> Any:
         message = outgoing.message
@@ -168,8 +185,9 @@ class CeleryPublisher:
         try:
             yield kept
         except BaseException:
+            # Dropped without a closing handshake, which a broken or blocked connection may never answer.
             with contextlib.suppress(Exception):
-                kept.connection.release()
+                kept.connection.collect()
             raise
         if self._idle.qsize() < IDLE_PRODUCERS:
             self._idle.put(kept)

@@ -52,8 +52,18 @@ SHARED_UNACKED_KEY = SHARED_KEYS[0]
 # A gone worker's deliveries are restored whatever their age: they are stamped with that worker's clock, which may
 # run ahead of ours, so the "visibility timeout" of the restoring channel reaches this far into the future.
 RESTORE_ALL = -86_400.0
-# Seconds between two looks for gone workers.
+# Seconds between two looks for gone workers; between two scans for unlisted workers' hashes.
 RESTORE_INTERVAL = 1.0
+UNLISTED_SCAN_EVERY = 30.0
+# The longest a Redis command of the beat may take (or the heartbeat, if shorter).
+SOCKET_TIMEOUT = 5.0
+# Forget a worker only if it holds nothing and is not alive, in one step (it may have come back meanwhile).
+FORGET_IF_GONE = """
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class GoneWorkers:
         self.about = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
         self._connection: Connection | None = None
         self._last_beat = 0.0
+        self._last_scan = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -102,7 +113,8 @@ class GoneWorkers:
         self.tick()
 
     def start(self) -> None:
-        """Start the thread (``worker_ready``: after the pool has forked its processes, so no child inherits it)."""
+        """Start the thread (``worker_ready``, once the pool has forked its first processes; a process forked
+        later copies no thread, and never uses the connection it inherits)."""
         if self._thread is None:
             self.tick()
             self._stopping.clear()
@@ -126,14 +138,16 @@ class GoneWorkers:
         """Beat if a heartbeat is due, then restore what gone workers held. Broker errors are logged, not raised."""
         try:
             client, prefix = self._client()
-            now = time.monotonic()
-            if now - self._last_beat >= self.liveness.heartbeat:
-                self.beat(client, prefix)
-                self._last_beat = now
+            self._beat_if_due(client, prefix)
             self.restore_gone(client, prefix)
         except Exception as exc:
             logger.warning("queue: could not beat or look for gone workers: %s: %s", type(exc).__name__, exc)
             self.close()
+
+    def _beat_if_due(self, client: redis.Redis, prefix: str) -> None:
+        if time.monotonic() - self._last_beat >= self.liveness.heartbeat:
+            self.beat(client, prefix)
+            self._last_beat = time.monotonic()
 
     def beat(self, client: redis.Redis, prefix: str) -> None:
         """Say this worker is alive for the next ``liveness.expires`` seconds."""
@@ -143,17 +157,28 @@ class GoneWorkers:
             pipe.execute()
 
     def restore_gone(self, client: redis.Redis, prefix: str) -> int:
-        """Put back every delivery of every gone worker; how many were put back."""
+        """Put back every delivery of every gone worker; how many were put back.
+
+        The workers looked at are those listed, and every ``UNLISTED_SCAN_EVERY`` seconds also any worker whose
+        hash exists unlisted (a worker whose first beat failed, or one that held a message again after it was
+        forgotten)."""
         listed = {text(key): text(about) for key, about in client.hgetall(prefix + WORKERS_KEY).items()}
+        if time.monotonic() - self._last_scan >= UNLISTED_SCAN_EVERY:
+            self._last_scan = time.monotonic()
+            for worker in unlisted_workers(client, prefix, listed):
+                listed[worker] = ""
         others = sorted(worker for worker in listed if worker != self.instance_id)
-        if not others:
-            return 0
-        with client.pipeline(transaction=False) as pipe:
-            for worker in others:
-                pipe.exists(prefix + ALIVE_KEY.format(worker))
-            alive = pipe.execute()
-        gone = [worker for worker, up in zip(others, alive, strict=True) if not up]
-        restored = sum(self.restore(client, prefix, worker, listed[worker]) for worker in gone)
+        gone: list[str] = []
+        if others:
+            with client.pipeline(transaction=False) as pipe:
+                for worker in others:
+                    pipe.exists(prefix + ALIVE_KEY.format(worker))
+                alive = pipe.execute()
+            gone = [worker for worker, up in zip(others, alive, strict=True) if not up]
+        restored = 0
+        for worker in gone:
+            self._beat_if_due(client, prefix)  # a long restore must not make this worker look gone
+            restored += self.restore(client, prefix, worker, listed[worker])
         return restored + self.restore_shared(client, prefix)
 
     def restore_shared(self, client: redis.Redis, prefix: str) -> int:
@@ -162,7 +187,7 @@ class GoneWorkers:
         if not client.hlen(prefix + SHARED_UNACKED_KEY):
             return 0
         keys = ("unacked_key", "unacked_index_key", "unacked_mutex_key")
-        with self.connect({key: default for key, default in zip(keys, SHARED_KEYS, strict=True)}) as connection:
+        with self._connect({key: default for key, default in zip(keys, SHARED_KEYS, strict=True)}) as connection:
             connection.default_channel.qos.restore_visible(start=0, num=None, interval=1)
         return 0
 
@@ -172,11 +197,11 @@ class GoneWorkers:
         held = int(client.zcard(index))
         if held:
             options = {**worker_transport_options(worker), "visibility_timeout": RESTORE_ALL}
-            with self.connect(options) as connection:
+            with self._connect(options) as connection:
                 connection.default_channel.qos.restore_visible(start=0, num=None, interval=1)
         left = int(client.zcard(index))
         if left == 0:
-            client.hdel(prefix + WORKERS_KEY, worker)
+            forget_if_gone(client, prefix, worker)
         restored = held - left
         if restored > 0:
             logger.warning(
@@ -200,8 +225,13 @@ class GoneWorkers:
     # --- the connection ------------------------------------------------------------------------------------------
     def _client(self) -> tuple[redis.Redis, str]:
         if self._connection is None:
-            self._connection = self.connect({})
+            self._connection = self._connect({})
         return plain_client(self._connection)
+
+    def _connect(self, options: dict[str, Any]) -> Connection:
+        """A connection whose commands time out: a half-open socket must not stop this worker's beat for ever."""
+        timeout = min(self.liveness.heartbeat, SOCKET_TIMEOUT)
+        return self.connect({"socket_timeout": timeout, "socket_connect_timeout": timeout, **options})
 
     def close(self) -> None:
         if self._connection is not None:
@@ -210,6 +240,18 @@ class GoneWorkers:
                 connection.release()
             except Exception:
                 logger.debug("queue: closing the gone-worker connection failed", exc_info=True)
+
+
+def forget_if_gone(client: redis.Redis, prefix: str, worker: str) -> None:
+    index = prefix + worker_transport_options(worker)["unacked_index_key"]
+    client.eval(FORGET_IF_GONE, 3, index, prefix + ALIVE_KEY.format(worker), prefix + WORKERS_KEY, worker)
+
+
+def unlisted_workers(client: redis.Redis, prefix: str, listed: dict[str, str]) -> list[str]:
+    """Workers with a hash of deliveries that are not listed."""
+    start = len(prefix) + len("unacked_index.")
+    found = {text(key)[start:] for key in client.scan_iter(match=prefix + "unacked_index.*", count=500)}
+    return sorted(found - set(listed))
 
 
 def held_deliveries(client: redis.Redis, prefix: str) -> int:
