@@ -47,6 +47,8 @@ KINDS = ("raw", "raw_limits", "event_queue", "eq_many")
 BATCH = int(os.environ.get("BENCH_QUEUE_BATCH", "100"))
 # Channels the worker consumes (one carries the messages, the others stay idle), to see what more queues cost.
 CHANNELS = int(os.environ.get("BENCH_QUEUE_CHANNELS", "1"))
+# Pool processes of the benchmark's worker.
+PROCESSES = int(os.environ.get("BENCH_QUEUE_PROCESSES", "2"))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKERS = {"redis": REDIS_URL, "amqp": os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")}
 BROKERS = {name: url for name, url in BROKERS.items() if name in os.environ.get("BENCH_QUEUE_BROKERS", "redis,amqp")}
@@ -119,7 +121,7 @@ def child_env(name: str, broker_url: str) -> dict[str, str]:
 def start_worker(name: str, broker_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = Path(tempfile.gettempdir()) / f"nocluster-bench-{name}.log"
     command = [
-        sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker", "-P", "prefork", "-c", "2",
+        sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker", "-P", "prefork", "-c", str(PROCESSES),
         "-n", f"bench-{name}@%h", "-I", "benchmarks.event_queue", "-Q", f"{name}.raw",
         "--without-gossip", "--without-mingle", "-l", "WARNING",
     ]  # fmt: skip
@@ -220,7 +222,7 @@ def collect(kind: str, sent: dict[int, float], started: float, enqueued: float) 
 # --- the driver -------------------------------------------------------------------------------------------------
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
     print(
-        f"\n{broker}: {N} trivial messages per path and round, 2 rounds, 1 worker x 2 prefork processes, "
+        f"\n{broker}: {N} trivial messages per path and round, 2 rounds, 1 worker x {PROCESSES} prefork processes, "
         f"{CHANNELS} channel(s) consumed"
     )
     print(f"  {'path':<12} {'enqueue/s':>10} {'done/s':>10} {'p50 ms':>10} {'lost':>6} {'dup':>6}")
