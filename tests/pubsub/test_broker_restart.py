@@ -20,8 +20,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -40,38 +40,34 @@ from tests.pubsub.test_nodes import SCENARIO, received
 CHANNEL = "traffic"
 
 
-@pytest.fixture
-def rabbitmq() -> Iterator[PrivateRabbitMQ]:
+Server = TypeVar("Server", PrivateRabbitMQ, PrivateRedis)
+
+
+def started(make: Callable[[], Server], kind: str) -> Iterator[Server]:
+    """A private server, started, closed afterwards; one that cannot start fails under CI and skips elsewhere."""
     try:
-        server = PrivateRabbitMQ()
+        server = make()
     except ServerCannotStart as exc:
-        server_cannot_start("RabbitMQ", str(exc))
+        server_cannot_start(kind, str(exc))
     try:
         server.start()
     except ServerCannotStart as exc:
         server.close()
-        server_cannot_start("RabbitMQ", str(exc))
+        server_cannot_start(kind, str(exc))
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    yield from started(PrivateRabbitMQ, "RabbitMQ")
 
 
 @pytest.fixture
 def redis() -> Iterator[PrivateRedis]:
-    try:
-        server = PrivateRedis("--appendonly", "no")
-    except ServerCannotStart as exc:
-        server_cannot_start("Redis", str(exc))
-    try:
-        server.start()
-    except ServerCannotStart as exc:
-        server.close()
-        server_cannot_start("Redis", str(exc))
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from started(lambda: PrivateRedis("--appendonly", "no"), "Redis")
 
 
 def nodes_on(node_env: dict[str, str], url: str) -> list[NodeProcess]:

@@ -157,7 +157,7 @@ class GoneWorkers:
             pipe.execute()
 
     def restore_gone(self, client: redis.Redis, prefix: str) -> int:
-        """Put back every delivery of every gone worker; how many were put back.
+        """Put back every delivery of every gone worker; how many were put back (not counting the shared hash's).
 
         The workers looked at are those listed, and every ``UNLISTED_SCAN_EVERY`` seconds also any worker whose
         hash exists unlisted (a worker whose first beat failed, or one that held a message again after it was
@@ -179,17 +179,17 @@ class GoneWorkers:
         for worker in gone:
             self._beat_if_due(client, prefix)  # a long restore must not make this worker look gone
             restored += self.restore(client, prefix, worker, listed[worker])
-        return restored + self.restore_shared(client, prefix)
+        self.restore_shared(client, prefix)
+        return restored
 
-    def restore_shared(self, client: redis.Redis, prefix: str) -> int:
+    def restore_shared(self, client: redis.Redis, prefix: str) -> None:
         """Messages in kombu's shared hash (held by a worker of an earlier version): restored as kombu would, after
         the visibility timeout, since no worker of this version scans that hash."""
         if not client.hlen(prefix + SHARED_UNACKED_KEY):
-            return 0
+            return
         keys = ("unacked_key", "unacked_index_key", "unacked_mutex_key")
         with self._connect({key: default for key, default in zip(keys, SHARED_KEYS, strict=True)}) as connection:
             connection.default_channel.qos.restore_visible(start=0, num=None, interval=1)
-        return 0
 
     def restore(self, client: redis.Redis, prefix: str, worker: str, about: str = "") -> int:
         """Put back the deliveries of ``worker`` with kombu's restore path, then forget the worker once none is left."""
