@@ -1,7 +1,8 @@
-"""Admin pages for cluster state that is not a model: the locks held right now.
+"""Admin pages for cluster state that is not a model: the locks held right now, the event-queue channels.
 
-Staff see the list; superusers may force-release a lock (the holder's work may still be running, so the page
-asks for a confirmation and the release is logged with the operator's name).
+Staff see the lists. Superusers may force-release a lock (the holder's work may still be running, so the page
+asks for a confirmation and the release is logged with the operator's name). Users with the change permission
+of channel states (``nocluster.change_channelstate``; superusers have it) may pause and resume a channel.
 """
 
 from __future__ import annotations
@@ -49,6 +50,50 @@ def _force_release(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(reverse("nocluster-admin-locks"))
 
 
+CHANGE_CHANNELS = "nocluster.change_channelstate"
+
+
+def channels_view(request: HttpRequest) -> HttpResponse:
+    """The subscribed event-queue channels: depth, paused or running, who changed that last; pause and resume."""
+    if request.method == "POST":
+        return _pause_or_resume(request)
+    from nocluster.management.commands.queue import depth
+    from nocluster.models import ChannelState
+
+    queue = app.event_queue
+    paused = set(queue.paused_channels(fresh=True))
+    states = {row.channel: row for row in ChannelState.objects.filter(app_name=app.name)}
+    channels = [
+        {"name": channel, "paused": channel in paused, "depth": depth(channel), "state": states.get(channel)}
+        for channel in queue.channels()
+    ]
+    context = {
+        **admin.site.each_context(request),
+        "title": "Queue channels",
+        "channels": channels,
+        "can_change": request.user.has_perm(CHANGE_CHANNELS),
+        "backend": type(queue.backend).__name__,
+    }
+    return TemplateResponse(request, "nocluster/admin/channels.html", context)
+
+
+def _pause_or_resume(request: HttpRequest) -> HttpResponse:
+    if not request.user.has_perm(CHANGE_CHANNELS):
+        raise PermissionDenied("pausing and resuming channels needs the change permission of channel states")
+    channel = request.POST.get("channel", "")
+    action = request.POST.get("action", "")
+    if action not in ("pause", "resume") or channel not in app.event_queue.channels():
+        messages.error(request, "Nothing changed: name a subscribed channel and pause or resume.")
+    else:
+        by = f"admin ({request.user})"
+        app.event_queue.pause(channel, by=by) if action == "pause" else app.event_queue.resume(channel, by=by)
+        messages.success(request, f"Channel {channel!r} {action}d on every node.")
+    return HttpResponseRedirect(reverse("nocluster-admin-channels"))
+
+
 def admin_urls() -> list:
     """URLs to mount before ``admin.site.urls``; each view requires a logged-in staff user."""
-    return [path("admin/cluster/locks/", admin.site.admin_view(locks_view), name="nocluster-admin-locks")]
+    return [
+        path("admin/cluster/locks/", admin.site.admin_view(locks_view), name="nocluster-admin-locks"),
+        path("admin/cluster/channels/", admin.site.admin_view(channels_view), name="nocluster-admin-channels"),
+    ]

@@ -154,3 +154,52 @@ class Redelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.message_id} try {self.retried}: {self.deliveries} deliveries"
+
+
+class ChannelState(models.Model):
+    """A paused event queue channel, cluster-wide (see :mod:`nocluster.queue.control`): no node runs its messages
+    until it is resumed. A channel without a row, or with ``paused`` false, runs."""
+
+    app_name = models.CharField(max_length=100)
+    channel = models.CharField(max_length=200, help_text="channel, without the app prefix")
+    paused = models.BooleanField(default=False)
+    changed_at = models.DateTimeField(auto_now=True)
+    changed_by = models.CharField(max_length=200, blank=True, help_text="who paused or resumed it last")
+
+    class Meta:
+        ordering = ["channel"]
+        constraints = [models.UniqueConstraint(fields=["app_name", "channel"], name="nocluster_channel_state_once")]
+
+    def __str__(self) -> str:
+        return f"{self.channel} ({'paused' if self.paused else 'running'})"
+
+
+class CancelledMessage(models.Model):
+    """An event queue message cancelled before or while it ran: a delivery of it is dropped, on any node, also
+    after every node restarted. Rows are removed after ``nocluster.queue.control.CANCEL_KEPT`` seconds."""
+
+    app_name = models.CharField(max_length=100)
+    message_id = models.CharField(max_length=64)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["app_name", "message_id"], name="nocluster_cancelled_once")]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} (cancelled)"
+
+
+class UniqueMessage(models.Model):
+    """The message holding a ``unique_key`` while it is queued, delayed or running; deleted when it ends, taken
+    over by a new publish once ``expires`` passed (a lost message cannot hold its key for ever)."""
+
+    app_name = models.CharField(max_length=100)
+    key = models.CharField(max_length=200)
+    message_id = models.CharField(max_length=64)
+    expires = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["app_name", "key"], name="nocluster_unique_key_once")]
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message_id}"

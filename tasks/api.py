@@ -173,7 +173,7 @@ def cancel(task_id: int, app: PluginHost | None = None) -> Task:
 
 def _cancel_handler(registry: _Registry) -> Callable[[Any], None]:
     def on_cancel(request: Any) -> None:
-        if registry.app.event_queue.cancel(str(request.get("message_id", ""))):
+        if registry.app.event_queue.abort(str(request.get("message_id", ""))):
             logger.info("task %s aborted on node %s", request.get("task_id"), registry.app.instance_id)
 
     return on_cancel

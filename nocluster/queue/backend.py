@@ -53,6 +53,14 @@ class QueueListener(Protocol):
         """Record ``message`` as failed (no retry)."""
         ...
 
+    def is_paused(self, channel: str) -> bool:
+        """Whether ``channel`` is paused cluster-wide (read at most a second ago)."""
+        ...
+
+    def paused_channels(self, fresh: bool = False) -> list[str]:
+        """The paused subscribed channels (``fresh``: read now)."""
+        ...
+
 
 class QueueBackend(ABC):
     """Base class of event queue backends.
@@ -62,6 +70,8 @@ class QueueBackend(ABC):
       database: the database alias holding the queue, for a backend whose queue is a table (else None).
       grace: how long work that ignores its abort signal may go on before the backend stops it.
       retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
+      longest_delay: the longest delay one publish may carry (None: no limit); the manager carries a longer one
+        in several hops.
     """
 
     max_timeout: float | None = None
@@ -71,6 +81,7 @@ class QueueBackend(ABC):
     grace: float = 5.0
     retry_backoff: float = 1.0
     retry_backoff_max: float = 60.0
+    longest_delay: float | None = None
 
     manager: QueueListener
 

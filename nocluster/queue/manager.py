@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -23,6 +25,7 @@ from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
 from nocluster.queue import failures
 from nocluster.queue.backend import QueueBackend
+from nocluster.queue.control import UNIQUE_KEY_LENGTH, QueueControl
 from nocluster.queue.ledger import DedupeLedger
 from nocluster.queue.message import Message, Process, Subscription
 from nocluster.queue.runner import Outcome, run_message
@@ -39,6 +42,10 @@ logger = logging.getLogger("nocluster.queue")
 MAX_RETRIES = 1000
 # Messages of publish_many() per call to the backend (one Redis pipeline).
 BATCH_SIZE = 500
+# Seconds a unique key is held at most by default (a lost message frees it then).
+UNIQUE_TTL = 3600.0
+# Seconds before a message of a paused channel that a consumer took anyway is offered again.
+PAUSE_RECHECK = 1.0
 
 
 class EventQueue(Component):
@@ -48,12 +55,16 @@ class EventQueue(Component):
       identity: the node (its ``name`` prefixes channels; its instance id names it in logs and records).
       backend: a :class:`~nocluster.queue.backend.QueueBackend`.
       outbox: where messages published inside a transaction wait for its commit.
+      control: the cluster-wide paused channels, cancels and unique keys (default: in the default database).
     """
 
-    def __init__(self, identity: NodeIdentity, backend: QueueBackend, outbox: Outbox) -> None:
+    def __init__(
+        self, identity: NodeIdentity, backend: QueueBackend, outbox: Outbox, control: QueueControl | None = None
+    ) -> None:
         self.identity = identity
         self.outbox = outbox
         self.ledger = DedupeLedger(identity.name)
+        self.control = control or QueueControl(identity.name)
         self._stopped = False
         self.backend = backend
         self._subscriptions: dict[str, Subscription] = {}
@@ -109,7 +120,17 @@ class EventQueue(Component):
 
     # --- publishing ---------------------------------------------------------------------------------------
     def publish(
-        self, channel: str, payload: Any, timeout: float = 15.0, max_retries: int = 0, using: str | None = None
+        self,
+        channel: str,
+        payload: Any,
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        using: str | None = None,
+        *,
+        delay: float | None = None,
+        eta: datetime | None = None,
+        unique_key: str | None = None,
+        unique_ttl: float = UNIQUE_TTL,
     ) -> str:
         """Queue ``payload`` for ``channel``; return the message id.
 
@@ -120,6 +141,13 @@ class EventQueue(Component):
           using: the database alias of the caller's transaction: inside ``atomic()`` the message is written to
             the outbox in that transaction and relayed after the commit (by any node, until the broker took
             it), never after a rollback; outside one it goes out at once.
+          delay: seconds from now before it may run; or ``eta``, an aware datetime (not both). It runs no
+            earlier; a delay longer than the backend holds a message is carried in several shorter hops.
+          unique_key: while a message published with this key is queued, delayed or running, publishing with
+            the key again queues nothing and returns that message's id. The key frees when the message ends
+            (done, failed for good, cancelled) or ``unique_ttl`` seconds after the publish, whichever is first.
+            Kept in the default database, in the caller's transaction there (refused inside a transaction
+            on another alias).
 
         Raises:
           UnknownChannel: nothing subscribed to ``channel``.
@@ -130,20 +158,47 @@ class EventQueue(Component):
         """
         self.subscription(channel)
         ensure_json(channel, payload)
-        message = Message(channel, payload, *self._checked_limits(channel, timeout, max_retries))
+        message = Message(
+            channel, payload, *self._checked_limits(channel, timeout, max_retries),
+            not_before=not_before(channel, delay, eta), unique_key=checked_unique_key(channel, unique_key),
+        )  # fmt: skip
         if self._stopped:
             raise QueueStopped(
                 f"queue channel {channel!r}: the event queue of node {self.identity.short_id} is stopped"
             )
         alias = using or DEFAULT_DB_ALIAS
-        if connections[alias].in_atomic_block and self.backend.database != alias:
-            # In the caller's transaction: the outbox row commits or rolls back with the caller's data.
-            message.relayed = True
-            self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
-        else:
-            # Outside a transaction, or a backend whose queue is a table of this very database.
-            self._send(self.full_channel(channel), message)
+        in_transaction = connections[alias].in_atomic_block
+        ttl = seconds(unique_ttl, f"channel {channel!r}: unique_ttl")
+        if message.unique_key:
+            holder = self._claim(message, alias, in_transaction, ttl)
+            if holder is not None:
+                return holder
+        try:
+            if in_transaction and self.backend.database != alias:
+                # In the caller's transaction: the outbox row commits or rolls back with the caller's data.
+                message.relayed = True
+                self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
+            else:
+                # Outside a transaction, or a backend whose queue is a table of this very database.
+                self._send(self.full_channel(channel), message)
+        except BaseException:
+            if message.unique_key and not connections[DEFAULT_DB_ALIAS].in_atomic_block:
+                self.control.release_unique(message.unique_key, message.id)
+            raise
         return message.id
+
+    def _claim(self, message: Message, alias: str, in_transaction: bool, ttl: float) -> str | None:
+        """Hold ``message.unique_key`` for ``message``; None if it does now, else the id of the holder."""
+        if in_transaction and alias != DEFAULT_DB_ALIAS:
+            raise ValueError(
+                f"queue channel {message.channel!r}: unique_key needs the {DEFAULT_DB_ALIAS!r} database, and this "
+                f"publish is inside a transaction on {alias!r} (the key could not commit or roll back with it)"
+            )
+        holder = self.control.claim_unique(message.unique_key, message.id, ttl)
+        if holder is not None:
+            logger.debug("%s: unique key %r is held by %s; nothing queued", self.full_channel(message.channel),
+                         message.unique_key, holder)  # fmt: skip
+        return holder
 
     def publish_many(
         self,
@@ -210,6 +265,9 @@ class EventQueue(Component):
         return seconds_, count(max_retries, f"channel {channel!r}: max_retries", most=MAX_RETRIES)
 
     def _send(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
+        delay = max(delay, message.not_before - time.time())
+        if self.backend.longest_delay is not None:
+            delay = min(delay, self.backend.longest_delay)  # the rest in another hop (see execute)
         try:
             self.backend.publish(full_channel, message, delay=delay)
         except NoclusterError:
@@ -235,8 +293,14 @@ class EventQueue(Component):
     def execute(self, subscription: Subscription, message: Message, grace: float | None = None) -> Outcome:
         """Run ``process`` once with a fresh abort signal, registered for :meth:`cancel` while it runs.
 
-        A second copy of a relayed message that already ran is not run (``"duplicate"``).
+        Before that, in order: a cancelled message is dropped (``"cancelled"``); one whose ``not_before`` is
+        still ahead, or whose channel is paused, is queued again for later (``"deferred"``, no retry counted);
+        a second copy of a relayed message that already ran is not run (``"duplicate"``).
+        Raises :class:`~nocluster.errors.PublishError` if a deferred message could not be queued again.
         """
+        held_back = self._held_back(message)
+        if held_back is not None:
+            return held_back
         if self.ledger.is_second_copy(message):
             logger.warning(
                 "%s %s: a second copy of a relayed message that already ran; dropped",
@@ -254,11 +318,39 @@ class EventQueue(Component):
                 if self._running.get(message.id) is signal:
                     del self._running[message.id]
 
+    def _held_back(self, message: Message) -> Outcome | None:
+        full_channel = self.full_channel(message.channel)
+        if message.not_before > time.time():
+            self._send(full_channel, message)  # the rest of its delay
+            return Outcome("deferred")
+        try:
+            cancelled, paused = self.control.cancelled_or_paused(message.id, message.channel)
+        except Exception as exc:
+            # The database is down: work that does not need it goes on. The pause last read applies; a cancel
+            # cannot be read and is not honoured (at least once wins over a cancel made during the outage).
+            cancelled, paused = False, self.control.is_paused(message.channel)
+            logger.warning("%s %s: cannot read whether it was cancelled (%s: %s); running it",
+                           full_channel, message.id, type(exc).__name__, str(exc).splitlines()[0][:200],
+                           extra={"channel": message.channel, "message_id": message.id})  # fmt: skip
+        if cancelled:
+            logger.info("%s %s: cancelled before it ran; dropped", full_channel, message.id,
+                        extra={"channel": message.channel, "message_id": message.id})  # fmt: skip
+            return Outcome("cancelled", "cancelled before it ran")
+        if paused:
+            self._send(full_channel, message, delay=PAUSE_RECHECK)
+            return Outcome("deferred")
+        return None
+
     def settle(self, message: Message, outcome: Outcome, node: str) -> None:
-        """After a try: nothing to do, a retry with backoff, or a failed record (never a silent drop)."""
+        """After a try: nothing to do, a retry with backoff, or a failed record (never a silent drop).
+
+        A message that ended (done, cancelled) frees its unique key; a deferred or duplicate one does not.
+        """
         if outcome.status == "failed":
             self.fail_or_retry(message, outcome.error, node)
             return
+        if message.unique_key and outcome.status in ("done", "cancelled"):
+            self.control.release_unique(message.unique_key, message.id)
         logger.debug("%s %s on %s: %s", self.full_channel(message.channel), message.id, node, outcome.status)
 
     def fail_or_retry(self, message: Message, error: str, node: str) -> None:
@@ -288,16 +380,50 @@ class EventQueue(Component):
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         failures.record(self.identity.name, message, error, node)
+        if message.unique_key:
+            self.control.release_unique(message.unique_key, message.id)
 
-    # --- cancellation ------------------------------------------------------------------------------------------
-    def cancel(self, message_id: str, reason: str = CANCELLED) -> bool:
+    # --- cancellation and pause ----------------------------------------------------------------------------------
+    def cancel(self, message_id: str) -> bool:
+        """Cancel message ``message_id`` for good: stored, so a queued or delayed copy is dropped before it runs,
+        on any node, also after every node restarted; it frees the message's unique key. If the message runs in
+        this process, its abort signal fires (True then).
+
+        A try running on another node is stopped by :meth:`abort` there (``tasks`` sends that over pub/sub).
+        """
+        self.control.store_cancel(message_id)
+        return self.abort(message_id)
+
+    def abort(self, message_id: str, reason: str = CANCELLED) -> bool:
         """Fire the abort signal of message ``message_id`` if it runs in this process; True if it did.
 
-        Cancellation from another node goes over pub/sub (see ``tasks``); each node calls this.
+        Nothing is stored: a later delivery runs (use :meth:`cancel` for that).
         """
         with self._lock:
             signal = self._running.get(message_id)
         return bool(signal and signal.abort(reason))
+
+    def pause(self, channel: str, by: str = "") -> None:
+        """Pause ``channel`` on every node, persistently: its messages stay queued (none is lost or counted as
+        a retry) until :meth:`resume`. Takes effect on every consumer within ``control.refresh`` seconds; tries
+        already running finish. ``by`` is recorded (who paused it)."""
+        self.subscription(channel)
+        self.control.set_paused(channel, True, by)
+        logger.warning("%s paused by %s", self.full_channel(channel), by or "?", extra={"channel": channel})
+
+    def resume(self, channel: str, by: str = "") -> None:
+        """Resume a paused ``channel``: its queued messages run again (within ``control.refresh`` seconds)."""
+        self.subscription(channel)
+        self.control.set_paused(channel, False, by)
+        logger.warning("%s resumed by %s", self.full_channel(channel), by or "?", extra={"channel": channel})
+
+    def is_paused(self, channel: str) -> bool:
+        """Whether ``channel`` is paused (as this process read it at most ``control.refresh`` seconds ago)."""
+        return self.control.is_paused(channel)
+
+    def paused_channels(self, fresh: bool = False) -> list[str]:
+        """The paused channels that are subscribed here (``fresh``: read the database now)."""
+        return sorted(set(self.control.paused_channels(fresh)) & set(self._subscriptions))
 
     def running(self) -> list[str]:
         """Ids of the messages running in this process now."""
@@ -338,4 +464,32 @@ class EventQueue(Component):
         # A lock held by a parent thread at fork time would never be released in the child: replace it.
         self._lock = threading.Lock()
         self._running = {}
+        self.control.forget_paused()
         self.backend.after_fork()
+
+
+def not_before(channel: str, delay: object, eta: object) -> float:
+    """The Unix time a message published now with ``delay`` seconds or at ``eta`` may run (0.0: at once)."""
+    if delay is not None and eta is not None:
+        raise TypeError(f"channel {channel!r}: pass delay or eta, not both")
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise TypeError(f"channel {channel!r}: eta must be a datetime, got {type(eta).__name__}")
+        if eta.tzinfo is None or eta.utcoffset() is None:
+            raise ValueError(f"channel {channel!r}: eta must be an aware datetime (django.utils.timezone.now())")
+        return max(eta.timestamp(), time.time())
+    if delay is None:
+        return 0.0
+    wait = seconds(delay, f"channel {channel!r}: delay", allow_zero=True)
+    return time.time() + wait if wait else 0.0
+
+
+def checked_unique_key(channel: str, unique_key: object) -> str:
+    if unique_key is None:
+        return ""
+    if not isinstance(unique_key, str) or not unique_key or len(unique_key) > UNIQUE_KEY_LENGTH:
+        raise TypeError(
+            f"channel {channel!r}: unique_key must be a non-empty str of at most {UNIQUE_KEY_LENGTH} characters, "
+            f"got {unique_key!r:.80}"
+        )
+    return unique_key

@@ -29,6 +29,9 @@ class Message:
       published_at: Unix time of the first publish (seconds).
       relayed: it went through the outbox, which may send it twice: the consumer drops a second copy.
       send_id: of a relayed message, unique per send (a second send of the same outbox row has another).
+      not_before: Unix time before which it must not run (0: none); a delay longer than the backend keeps a
+        message is made of several shorter ones.
+      unique_key: the key it holds while queued, delayed or running (``publish(unique_key=...)``; "" if none).
       settle_error, settle_attempts: a failed try whose retry or failed record could not be written: the error to
         settle with, and how many times that was tried (the message is not run again, only settled).
     """
@@ -42,6 +45,8 @@ class Message:
     published_at: float = field(default_factory=time.time)
     relayed: bool = False
     send_id: str = ""
+    not_before: float = 0.0
+    unique_key: str = ""
     settle_error: str = ""
     settle_attempts: int = 0
 
@@ -56,6 +61,8 @@ class Message:
             "id": self.id,
             "published_at": self.published_at,
             **({"relayed": True, "send_id": self.send_id} if self.relayed else {}),
+            **({"not_before": self.not_before} if self.not_before else {}),
+            **({"unique_key": self.unique_key} if self.unique_key else {}),
             **(
                 {"settle_error": self.settle_error, "settle_attempts": self.settle_attempts}
                 if self.settle_error
@@ -84,6 +91,8 @@ class Message:
             published_at=wire_number(fields, "published_at", what),
             relayed=fields.get("relayed") is True,
             send_id=optional_text(fields, "send_id", what, 32),
+            not_before=optional_time(fields, "not_before", what),
+            unique_key=optional_text(fields, "unique_key", what, 200),
             settle_error=optional_text(fields, "settle_error", what, 100_000),
             settle_attempts=optional_count(fields, "settle_attempts", what),
             **counts,
@@ -155,3 +164,11 @@ def optional_count(fields: dict[str, Any], name: str, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
         raise MalformedMessage(f"{what}: field {name!r} must be an int from 0 to 1000000, got {value!r}")
     return value
+
+
+def optional_time(fields: dict[str, Any], name: str, what: str) -> float:
+    """An optional Unix time field (0.0 when absent)."""
+    value = fields.get(name) or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e11:
+        raise MalformedMessage(f"{what}: field {name!r} must be a Unix time in seconds, got {value!r}")
+    return float(value)

@@ -147,3 +147,35 @@ def register(app: Application) -> None:
     queue.subscribe("slow", slow, concurrency=2)
     queue.subscribe("gated", gated, concurrency=2, idle=gate)
     queue.subscribe("long", long, concurrency=3)
+
+    def pausable(payload: Any, context: Context) -> None:
+        record("pausable", context, payload=payload)
+
+    def held(payload: Any, context: Context) -> None:
+        # Runs until its marker key is set (or its signal fires): a unique key stays held meanwhile.
+        record("held", context)
+        while not client().exists(f"{name}:release:{context.id}") and not context.signal.wait(0.02):
+            pass
+        record("held-done", context)
+
+    queue.subscribe("pausable", pausable, concurrency=3)
+    queue.subscribe("held", held, concurrency=3)
+
+
+def publish_together(app: Application, start_at: float, count: int, unique_key: str) -> list[str]:
+    """From ``count`` threads of this process, all at wall-clock time ``start_at``: publish a ``held`` message
+    with ``unique_key``; return the ids publish returned."""
+    import threading
+
+    ids: list[str] = []
+
+    def publish() -> None:
+        time.sleep(max(start_at - time.time(), 0))
+        ids.append(app.event_queue.publish("held", {}, timeout=5, unique_key=unique_key))
+
+    threads = [threading.Thread(target=publish) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ids

@@ -130,7 +130,7 @@ def test_a_requeued_task_can_still_be_cancelled(tasks_app: Application) -> None:
     release.clear()
     task = api.submit("demo", "gated", {"n": 1}, timeout=30, app=tasks_app)
     wait_until(lambda: status(task) == "running", timeout=10)
-    tasks_app.event_queue.cancel(task.message_id, reason="timeout")  # the first try fails as if timed out
+    tasks_app.event_queue.abort(task.message_id, reason="timeout")  # the first try fails as if timed out
     failed = wait_until(lambda: FailedMessage.objects.filter(message_id=task.message_id).first(), timeout=10)
     tasks_app.event_queue.requeue(failed)
     wait_until(lambda: status(task) == "running" and Task.objects.get(pk=task.pk).tries == 2, timeout=10)

@@ -38,10 +38,10 @@ from django.db.models import F
 from kombu import Exchange, Queue
 
 from nocluster.durations import count, seconds
-from nocluster.errors import UnknownChannel
+from nocluster.errors import PublishError, UnknownChannel
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.backends import celery_worker
-from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
+from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis, longest_delay
 from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
 from nocluster.queue.backends.gone_workers import (
     GoneWorkers,
@@ -50,6 +50,7 @@ from nocluster.queue.backends.gone_workers import (
     plain_client,
     worker_transport_options,
 )
+from nocluster.queue.control import PAUSE_REFRESH
 from nocluster.queue.message import Message, Subscription
 from nocluster.queue.slots import node_slot
 
@@ -82,6 +83,8 @@ class CeleryQueueBackend(QueueBackend):
 
     # Redis, in a worker's main process: its beat and the restore of gone workers' messages (set when it starts).
     gone_workers: GoneWorkers | None = None
+    # Seconds between a worker's reads of the paused channels (it stops consuming a paused channel's queue).
+    pause_refresh: float = PAUSE_REFRESH
 
     def __init__(
         self,
@@ -108,6 +111,9 @@ class CeleryQueueBackend(QueueBackend):
         self.max_timeout, self.grace = self.limits.max_timeout, self.limits.grace
         self.retry_backoff, self.retry_backoff_max = self.limits.retry_backoff, self.limits.retry_backoff_max
         self.defer_delay = self.limits.defer_delay
+        # A message waits out its countdown in a worker that holds it unacked: on Redis the visibility timeout
+        # must cover the longest one, so a longer delay travels in hops of at most this.
+        self.longest_delay = longest_delay(self.limits)
         self.max_deliveries = count(max_deliveries, "CeleryQueueBackend option max_deliveries", least=1)
         self.queue_type = checked_queue_type(queue_type, broker_url)
         self.liveness = checked_liveness(heartbeat, gone_after)
@@ -268,7 +274,10 @@ class CeleryQueueBackend(QueueBackend):
             if slot is None:
                 self.defer(full_channel, message)
                 return
-            outcome = self.manager.execute(subscription, message)
+            try:
+                outcome = self.manager.execute(subscription, message)
+            except PublishError as exc:  # held back (delay, pause), but could not be queued again
+                raise Reject(exc, requeue=True) from exc
         if outcome.status == "failed":
             self._settle(full_channel, message, outcome.error, node)
         else:

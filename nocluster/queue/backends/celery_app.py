@@ -58,6 +58,11 @@ class QueueLimits:
         )
 
 
+def longest_delay(limits: QueueLimits) -> float:
+    """The longest countdown one message is sent with (a retry, a deferral, a hop of a longer delay)."""
+    return max(limits.retry_backoff_max, limits.defer_delay, 1.0)
+
+
 def visibility_timeout(limits: QueueLimits) -> float:
     """Seconds a message may stay unacked on Redis before the broker hands it out again.
 
@@ -65,9 +70,8 @@ def visibility_timeout(limits: QueueLimits) -> float:
     worker (``HELD_PER_PROCESS`` per pool process: at most one more run each), then runs itself; a run lasts at
     most timeout + 2 x grace (the hard limit). So: longest delay + 3 longest runs + a margin.
     """
-    longest_delay = max(limits.retry_backoff_max, limits.defer_delay, 1.0)
     longest_run = limits.max_timeout + 2 * limits.grace
-    return longest_delay + 3 * longest_run + VISIBILITY_MARGIN
+    return longest_delay(limits) + 3 * longest_run + VISIBILITY_MARGIN
 
 
 def is_redis(broker_url: str) -> bool:

@@ -20,6 +20,7 @@ from celery.worker.consumer import Consumer
 
 from nocluster.errors import MalformedMessage
 from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
+from nocluster.queue.backends.celery_pause import PausedChannelsWatcher
 from nocluster.queue.backends.gone_workers import GoneWorkers
 from nocluster.queue.message import Message
 
@@ -59,6 +60,7 @@ class WorkerBackend(Protocol):
     manager: QueueListener
     max_deliveries: int
     gone_workers: GoneWorkers | None
+    pause_refresh: float
 
     def track_deliveries(self) -> GoneWorkers | None:
         """Before the worker connects (Redis only): keep its deliveries apart; its beat and restore of gone ones."""
@@ -96,6 +98,9 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
     signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
     signals.worker_ready.connect(_watch_gone(backend, celery_app, True), weak=False, dispatch_uid=f"{uid}.ready")
     signals.worker_shutdown.connect(_watch_gone(backend, celery_app, False), weak=False, dispatch_uid=f"{uid}.down")
+    watch_paused, unwatch_paused = _watch_paused(backend, celery_app)
+    signals.worker_ready.connect(watch_paused, weak=False, dispatch_uid=f"{uid}.paused")
+    signals.worker_shutdown.connect(unwatch_paused, weak=False, dispatch_uid=f"{uid}.unpaused")
 
 
 def _consume(backend: WorkerBackend, celery_app: Celery) -> Any:
@@ -124,6 +129,37 @@ def _watch_gone(backend: WorkerBackend, celery_app: Celery, start: bool) -> Any:
         gone.start() if start else gone.stop()
 
     return start_or_stop
+
+
+def _watch_paused(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]:
+    watchers: list[PausedChannelsWatcher] = []
+
+    def paused_queues() -> set[str]:
+        return {backend.manager.full_channel(channel) for channel in backend.manager.paused_channels(fresh=True)}
+
+    def start(sender: Any = None, **kwargs: Any) -> None:
+        """Worker main process, once it consumes: stop consuming paused channels (and resume them later)."""
+        if getattr(sender, "app", None) is not celery_app:
+            return
+        consumed = set(celery_app.amqp.queues.consume_from or {})
+
+        def consuming(queue: str) -> bool | None:
+            task_consumer = sender.task_consumer  # a new one after each reconnect; None while reconnecting
+            return None if task_consumer is None else bool(task_consumer.consuming_from(queue))
+
+        watcher = PausedChannelsWatcher(
+            celery_app, sender.hostname, consumed, paused_queues, consuming, backend.pause_refresh
+        )
+        watcher.start()
+        watchers.append(watcher)
+
+    def stop(sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "app", None) is not celery_app:
+            return
+        while watchers:
+            watchers.pop().stop()
+
+    return start, stop
 
 
 def _settle_lost(backend: WorkerBackend, celery_app: Celery) -> Any:

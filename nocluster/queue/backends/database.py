@@ -285,6 +285,9 @@ class DatabaseQueueBackend(QueueBackend):
                 close_old_connections()
 
     def _is_idle(self, channel: _Channel) -> bool:
+        """``idle()`` of the subscription; a paused channel is never idle (its messages stay queued)."""
+        if self.manager.is_paused(channel.subscription.channel):
+            return False
         try:
             return channel.subscription.is_idle()
         except Exception:

@@ -199,6 +199,9 @@ class MemoryQueueBackend(QueueBackend):
                     self._cond.wait(self.poll_interval)
 
     def _is_idle(self, channel: _Channel) -> bool:
+        """``idle()`` of the subscription; a paused channel is never idle (its messages stay queued)."""
+        if self.manager.is_paused(channel.subscription.channel):
+            return False
         try:
             return channel.subscription.is_idle()
         except Exception:
