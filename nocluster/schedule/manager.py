@@ -133,6 +133,7 @@ class Scheduler(Component):
           TypeError: ``job`` is not a :class:`PeriodicJob`.
           ValueError: another job of that name was declared differently.
           UnknownChannel: after this node started, the job's channel has no subscriber.
+          ValueError: after this node started, the job's timeout is longer than the event queue allows.
         """
         if not isinstance(job, PeriodicJob):
             raise TypeError(f"scheduler.add() takes a PeriodicJob, got {type(job).__name__}")
@@ -313,10 +314,14 @@ class Scheduler(Component):
 
     # --- outcomes (see nocluster.schedule.outcomes) ----------------------------------------------------------
     def _track(self, job: PeriodicJob) -> None:
+        """Check that the job's messages can be published here, and track their outcomes."""
         try:
             subscription = self.event_queue.subscription(job.channel)
         except UnknownChannel as exc:
             raise UnknownChannel(f"periodic job {job.name!r}: {exc}") from None
+        problem = self.event_queue.backend.check_timeout(job.timeout)
+        if problem:
+            raise ValueError(f"periodic job {job.name!r}: {problem}")
         outcomes.track(subscription, self._record)
 
     def _record(self, message_id: str, outcome: str, error: str) -> None:
@@ -340,6 +345,7 @@ class Scheduler(Component):
 
         Raises:
           UnknownChannel: a job's channel has no subscriber (the message names the job).
+          ValueError: a job's timeout is longer than the event queue allows.
         """
         for job in self.jobs():
             self._track(job)
