@@ -89,13 +89,17 @@ class ScheduledJobAdmin(GuardedActionsAdmin):
 class ScheduleRunAdmin(admin.ModelAdmin):
     """The runs of the periodic jobs (one per claimed slot, and the runs by hand), newest first; read-only."""
 
-    list_display = ("job", "slot", "kind", "missed", "outcome", "claimed_at", "finished_at", "node", "message_id")
+    list_display = ("job", "slot", "kind", "missed", "outcome", "claimed_at", "finished_at", "short_node", "message_id")
     list_filter = ("job", "kind", "outcome")
     search_fields = ("job", "message_id", "node")
     readonly_fields = [field.name for field in ScheduleRun._meta.fields]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ScheduleRun]:
         return super().get_queryset(request).filter(app_name=app.name)
+
+    @admin.display(description="node", ordering="node")
+    def short_node(self, run: ScheduleRun) -> str:
+        return format_html('<span title="{}">{}</span>', run.node, run.node[:8])
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
