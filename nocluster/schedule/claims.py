@@ -110,9 +110,11 @@ class ClaimStore:
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            if not cursor.rowcount:
-                return None
-            return int(cursor.fetchone()[0]) if returning else int(cursor.lastrowid)
+            if returning:
+                # The returned row, not rowcount: SQLite counts the rows of an INSERT ... RETURNING only once read.
+                row = cursor.fetchone()
+                return None if row is None else int(row[0])
+            return int(cursor.lastrowid) if cursor.rowcount else None
 
     def set_message(self, run_id: int, message_id: str) -> None:
         self.runs().filter(pk=run_id).update(message_id=message_id)
