@@ -10,8 +10,9 @@ a claim that rolls back leaves neither. The job's ``last_slot`` only moves forwa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
 from django.db.models import Q
@@ -37,6 +38,33 @@ def run_model() -> type[ScheduleRun]:
     from nocluster.models import ScheduleRun
 
     return ScheduleRun
+
+
+@dataclass
+class JobStatus:
+    """A job as ``manage.py schedule list`` shows it: its declaration, its row (if any node created it) and its
+    latest run."""
+
+    job: PeriodicJob
+    enabled: bool
+    last_slot: datetime | None
+    next_run: datetime | None
+    last_run: ScheduleRun | None
+
+    def as_dict(self) -> dict[str, Any]:
+        run = self.last_run
+        return {
+            "name": self.job.name,
+            "schedule": self.job.schedule.describe(),
+            "channel": self.job.channel,
+            "misfire": self.job.misfire,
+            "enabled": self.enabled,
+            "last_slot": self.last_slot.isoformat() if self.last_slot else None,
+            "next_run": self.next_run.isoformat() if self.next_run else None,
+            "last_run": run.claimed_at.isoformat() if run else None,
+            "last_kind": run.kind if run else None,
+            "last_outcome": run.outcome if run else None,
+        }
 
 
 class ClaimStore:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +35,9 @@ from nocluster.errors import UnknownChannel, UnknownJob
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
 from nocluster.schedule import outcomes
-from nocluster.schedule.claims import CATCH_UP, MANUAL, SCHEDULED, ClaimStore, run_model
+from nocluster.schedule.claims import CATCH_UP, MANUAL, ClaimStore, JobStatus, run_model
 from nocluster.schedule.jobs import PeriodicJob, run_info
+from nocluster.schedule.plan import Plan, plan_runs
 from nocluster.schedule.settings import ScheduleSettings
 
 if TYPE_CHECKING:
@@ -47,41 +47,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("nocluster.schedule")
 
-# The most slots one catch-up run reports as missed, and the most on-time slots one tick claims for a job.
-MOST_COUNTED = 10_000
-MOST_ON_TIME = 4000
 # Seconds between two prunes of old run rows by one node.
 PRUNE_EVERY = 60.0
 
 Clock = Callable[[], datetime]
-Plan = list[tuple[datetime, str, int]]  # (slot, kind, missed)
-
-
-@dataclass
-class JobStatus:
-    """A job as ``manage.py schedule list`` shows it: its declaration, its row (if any node created it) and its
-    latest run."""
-
-    job: PeriodicJob
-    enabled: bool
-    last_slot: datetime | None
-    next_run: datetime | None
-    last_run: ScheduleRun | None
-
-    def as_dict(self) -> dict[str, Any]:
-        run = self.last_run
-        return {
-            "name": self.job.name,
-            "schedule": self.job.schedule.describe(),
-            "channel": self.job.channel,
-            "misfire": self.job.misfire,
-            "enabled": self.enabled,
-            "last_slot": self.last_slot.isoformat() if self.last_slot else None,
-            "next_run": self.next_run.isoformat() if self.next_run else None,
-            "last_run": run.claimed_at.isoformat() if run else None,
-            "last_kind": run.kind if run else None,
-            "last_outcome": run.outcome if run else None,
-        }
 
 
 class Scheduler(Component):
@@ -238,33 +207,9 @@ class Scheduler(Component):
         if not state.enabled:
             self._known[job.name] = due  # read again at the next slot
             return []
-        runs = self._claim(job, self._plan(job, last, now), due, now)
+        runs = self._claim(job, plan_runs(job, last, now, self.settings.grace), due, now)
         self._known[job.name] = due
         return runs
-
-    def _plan(self, job: PeriodicJob, last: datetime | None, now: datetime) -> Plan:
-        """The runs to claim at ``now`` after ``last``: a catch-up (misfire "once") and the on-time slots."""
-        schedule, horizon = job.schedule, now - timedelta(seconds=self.settings.grace)
-        on_time: list[datetime] = []
-        slot = schedule.latest_at_or_before(now)
-        while slot is not None and slot >= horizon and (last is None or slot > last) and len(on_time) < MOST_ON_TIME:
-            on_time.append(slot)
-            slot = schedule.previous(slot)
-        plan: Plan = []
-        if last is not None and slot is not None and slot > last:
-            # Missed: the slots after ``last`` up to ``slot``, older than the grace, that no node claimed.
-            missed = sum(1 for _ in schedule.between(last, slot + timedelta(microseconds=1), MOST_COUNTED))
-            if job.misfire == "once":
-                first = schedule.next_after(last)
-                assert first is not None
-                plan.append((first, CATCH_UP, missed))
-            else:
-                logger.warning(
-                    "periodic job %r: %d slot(s) after %s missed (none claimed within %s s); misfire 'skip': not run",
-                    job.name, missed, last.isoformat(), self.settings.grace,
-                )  # fmt: skip
-        plan += [(slot, SCHEDULED, 0) for slot in reversed(on_time)]
-        return plan
 
     def _claim(self, job: PeriodicJob, plan: Plan, due: datetime, now: datetime) -> list[ScheduleRun]:
         """In one transaction: insert each planned run (skipping those another node has), publish its message,

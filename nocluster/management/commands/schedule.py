@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nocluster.app import app
 from nocluster.errors import NoclusterError
-from nocluster.schedule.manager import JobStatus
+from nocluster.schedule.claims import JobStatus
 
 COLUMNS = ("NAME", "SCHEDULE", "CHANNEL", "MISFIRE", "ENABLED", "LAST RUN", "OUTCOME", "NEXT RUN")
 
