@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from nocluster import app
+from nocluster import admin_schedule, app  # noqa: F401 (importing admin_schedule registers the periodic job pages)
 from nocluster.admin_actions import GuardedActionsAdmin
 from nocluster.models import FailedMessage, InstalledPlugin, Node, OutboxMessage
 from nocluster.nodes import node_state

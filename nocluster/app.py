@@ -32,13 +32,16 @@ from nocluster.pubsub import PubSubManager
 from nocluster.pubsub.debounce import Debouncer
 from nocluster.pubsub.manager import DEFAULT_MAX_MESSAGE_BYTES
 from nocluster.queue import EventQueue
+from nocluster.schedule import Scheduler
+from nocluster.schedule.settings import ScheduleSettings
 from nocluster.sync import SyncMessageManager
 
 logger = logging.getLogger("nocluster.app")
 
 # Every component, in start order (stopped and closed in reverse, forked in this order). The lock manager comes
 # first: the others may take locks while starting and stopping. The outbox relay starts once what it sends to
-# is up, and stops first. The registry comes last: a node is shown up once it consumes.
+# is up, and stops first. The scheduler publishes through both, so it starts after them and stops before them.
+# The registry comes last: a node is shown up once it consumes.
 COMPONENTS = (
     "lock_manager",
     "cache_manager",
@@ -46,6 +49,7 @@ COMPONENTS = (
     "sync_message_manager",
     "event_queue",
     "outbox",
+    "scheduler",
     "node_registry",
 )
 
@@ -138,6 +142,11 @@ class Application:
         outbox.register("queue", lambda row: self.event_queue.relay(row))
         outbox.register("sync", lambda row: self.sync_message_manager.relay(row))
         return outbox
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """Periodic jobs: each slot runs once for the whole cluster (``NOCLUSTER["SCHEDULE"]``)."""
+        return Scheduler(self._identity(), self.event_queue, ScheduleSettings.from_config(self.config))
 
     @cached_property
     def node_registry(self) -> NodeRegistry:

@@ -54,3 +54,7 @@ class MalformedMessage(NoclusterError, ValueError):
 
 class QueueStopped(PublishError):
     """A message was published to an event queue that was stopped; the message names the channel."""
+
+
+class UnknownJob(NoclusterError, LookupError):
+    """A periodic job that no plugin declared in this project; the message names it."""

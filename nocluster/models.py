@@ -203,3 +203,54 @@ class UniqueMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}: {self.message_id}"
+
+
+class ScheduledJob(models.Model):
+    """The cluster-wide state of one periodic job (:mod:`nocluster.schedule`): whether it runs, and the latest slot
+    handled (claimed, skipped as missed, or passed while disabled). Nodes create the row when they first see the job
+    and keep its declared fields up to date; ``enabled`` and ``last_slot`` survive restarts."""
+
+    app_name = models.CharField(max_length=100)
+    name = models.CharField(max_length=200)
+    schedule = models.CharField(max_length=200, help_text="as declared: every N s, or a cron expression")
+    channel = models.CharField(max_length=200, help_text="event queue channel, without the app prefix")
+    misfire = models.CharField(max_length=10, help_text="skip or once")
+    enabled = models.BooleanField(default=True)
+    last_slot = models.DateTimeField(null=True, blank=True, help_text="the latest slot handled (UTC)")
+    next_run = models.DateTimeField(null=True, blank=True, help_text="the next slot (UTC)")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["app_name", "name"], name="nocluster_scheduled_job_once")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ScheduleRun(models.Model):
+    """One run of a periodic job: a claimed slot (one row per job and slot: the unique constraint is what makes it
+    run once for the whole cluster) or a run started by hand (no slot). Rows older than ``KEEP`` are removed."""
+
+    app_name = models.CharField(max_length=100)
+    job = models.CharField(max_length=200)
+    slot = models.DateTimeField(null=True, blank=True, help_text="nominal time of the slot (UTC); empty: by hand")
+    kind = models.CharField(max_length=10, help_text="scheduled, catch-up or manual")
+    missed = models.PositiveIntegerField(default=0, help_text="catch-up: the slots it stands for")
+    message_id = models.CharField(max_length=64, blank=True)
+    node = models.CharField(max_length=32, blank=True, help_text="instance id of the node that claimed it")
+    claimed_at = models.DateTimeField(help_text="by the claiming node's clock")
+    outcome = models.CharField(max_length=10, default="queued", help_text="queued, done, failed or cancelled")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-claimed_at"]
+        constraints = [models.UniqueConstraint(fields=["app_name", "job", "slot"], name="nocluster_schedule_slot_once")]
+        indexes = [
+            models.Index(fields=["app_name", "message_id"], name="nocluster_run_message"),
+            models.Index(fields=["app_name", "job", "claimed_at"], name="nocluster_run_claimed"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job} {self.kind} {self.slot.isoformat() if self.slot else self.claimed_at.isoformat()}"

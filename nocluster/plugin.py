@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol, cast
 
 from django.apps import AppConfig, apps
 from django.utils.module_loading import import_string
@@ -28,6 +28,7 @@ from nocluster.install import install_once
 from nocluster.locks import LockManager
 from nocluster.pubsub import PubSubManager
 from nocluster.queue import EventQueue
+from nocluster.schedule import PeriodicJob, Scheduler
 from nocluster.sync import SyncMessageManager
 from nocluster.sync.manager import SyncPlugin
 from nocluster.sync.sequence import resync_marker
@@ -64,6 +65,9 @@ class PluginHost(Protocol):
     def lock_manager(self) -> LockManager: ...
 
     @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
     def plugins(self) -> PluginRegistry: ...
 
 
@@ -85,9 +89,12 @@ class Plugin:
       logger: a logger named ``nocluster.plugins.<name>``.
       sync_debounce: seconds over which equal sync messages to this plugin are coalesced; None (the default)
         uses ``NOCLUSTER["SYNC"]["DEBOUNCE"]``. A plugin whose state must follow changes quickly sets less.
+      schedules: periodic jobs of this plugin (:class:`~nocluster.schedule.PeriodicJob`), added to
+        ``app.scheduler`` right after its ``load()`` (which subscribes their channels); or add them in ``load()``.
     """
 
     sync_debounce: float | None = None
+    schedules: ClassVar[Sequence[PeriodicJob]] = ()
 
     def __init__(self, app: PluginHost, app_config: AppConfig) -> None:
         self.app = app
@@ -198,8 +205,8 @@ class PluginRegistry:
                         self._plugins[app_config.label] = cls(self.app, app_config)
                 # Phase 2: subscriptions (sync messages first), then the plugins' own.
                 self._run_phase("before_load", self._before_load)
-                # Phase 3: queue consumers, caches, signals.
-                self._run_phase("load", lambda plugin: plugin.load())
+                # Phase 3: queue consumers, caches, signals; then the plugin's periodic jobs.
+                self._run_phase("load", self._load)
                 self.loaded = True
             except BaseException:
                 self._plugins.clear()
@@ -211,6 +218,11 @@ class PluginRegistry:
         if callable(getattr(plugin, "handle_sync_message", None)):
             self.app.sync_message_manager.register_plugin(cast(SyncPlugin, plugin))
         plugin.before_load()
+
+    def _load(self, plugin: Plugin) -> None:
+        plugin.load()
+        for job in plugin.schedules:
+            self.app.scheduler.add(job)
 
     def _run_phase(self, hook: str, call: Callable[[Plugin], Any], plugins: Iterable[Plugin] | None = None) -> None:
         for plugin in list(self._plugins.values()) if plugins is None else plugins:

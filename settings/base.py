@@ -156,6 +156,11 @@ NOCLUSTER: dict[str, Any] = {
         else {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
     ),
     "SYNC": {"DEBOUNCE": float(env("NOCLUSTER_SYNC_DEBOUNCE", "1.0"))},
+    # Periodic jobs (nocluster/schedule/): whether this process claims slots, and how late a slot is still on time.
+    "SCHEDULE": {
+        "ENABLED": env_bool("NOCLUSTER_SCHEDULER", True),
+        "GRACE": float(env("NOCLUSTER_SCHEDULE_GRACE", "5")),
+    },
     # The node registry (nocluster/nodes.py), in seconds.
     "NODES": {
         "ENABLED": env_bool("NOCLUSTER_NODE_REGISTRY", True),
