@@ -99,6 +99,8 @@ def test_pause_with_a_hundred_queued_survives_a_worker_restart_and_resume_runs_e
     since = Since(cluster)
     events.pause("pausable", by="test")
     try:
+        # Once no worker consumes the paused queue any more (within a second: each worker's pause watcher) ...
+        wait_until(lambda: not consumers_of(cluster, events.full_channel("pausable")), timeout=20)
         ids = events.publish_many("pausable", [{"n": n} for n in range(100)], timeout=5)
         # When a worker restarts while the channel is paused
         restarted = cluster.replace(cluster.workers[0])
@@ -126,3 +128,9 @@ def marker_ran_on(cluster: Cluster, worker_pid: int) -> bool:
     marker = cluster.app.event_queue.publish("echo", {"marker": True}, timeout=5)
     wait_ran(cluster, "echo", marker)
     return of(cluster.events("echo"), marker)[0]["node"] == worker_pid
+
+
+def consumers_of(cluster: Cluster, queue: str) -> list[str]:
+    """The workers consuming ``queue`` now (Celery's remote control: ``active_queues``)."""
+    replies = cluster.app.event_queue.backend.celery_app.control.inspect(timeout=2.0).active_queues() or {}
+    return [worker for worker, queues in replies.items() if any(q["name"] == queue for q in queues)]

@@ -94,21 +94,29 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
         default_retry_delay=1, typing=False,
     )(deliver)  # fmt: skip
     uid = f"nocluster.queue.{id(backend)}"
-    signals.celeryd_after_setup.connect(_consume(backend, celery_app), weak=False, dispatch_uid=f"{uid}.consume")
+    # The queues this worker consumes when nothing is paused (filled when it starts, read by the pause watcher).
+    selected: set[str] = set()
+    signals.celeryd_after_setup.connect(
+        _consume(backend, celery_app, selected), weak=False, dispatch_uid=f"{uid}.consume"
+    )
     signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
     signals.worker_ready.connect(_watch_gone(backend, celery_app, True), weak=False, dispatch_uid=f"{uid}.ready")
     signals.worker_shutdown.connect(_watch_gone(backend, celery_app, False), weak=False, dispatch_uid=f"{uid}.down")
-    watch_paused, unwatch_paused = _watch_paused(backend, celery_app)
+    watch_paused, unwatch_paused = _watch_paused(backend, celery_app, selected)
     signals.worker_ready.connect(watch_paused, weak=False, dispatch_uid=f"{uid}.paused")
     signals.worker_shutdown.connect(unwatch_paused, weak=False, dispatch_uid=f"{uid}.unpaused")
 
 
-def _consume(backend: WorkerBackend, celery_app: Celery) -> Any:
+def _consume(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> Any:
     def consume_subscribed_channels(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
         """Worker main process, once Django and the plugins are loaded: consume every subscribed channel."""
         if instance is None or instance.app is not celery_app:
             return
         queues = backend.queues()
+        selected.update(queue.name for queue in queues)
+        # A paused channel's queue is not consumed from the start (the pause watcher adds it on resume).
+        paused = paused_queue_names(backend)
+        queues = [queue for queue in queues if queue.name not in paused]
         for queue in queues:
             celery_app.amqp.queues.select_add(queue)
         # Celery fetches countdown (ETA) messages beyond the prefetch window; cap what the worker holds so the
@@ -131,7 +139,18 @@ def _watch_gone(backend: WorkerBackend, celery_app: Celery, start: bool) -> Any:
     return start_or_stop
 
 
-def _watch_paused(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]:
+def paused_queue_names(backend: WorkerBackend) -> set[str]:
+    """The broker queues of the paused channels; empty if the database cannot be read (the run gate still holds
+    their messages back, and the watcher tries again)."""
+    manager = backend.manager
+    try:
+        return {manager.full_channel(channel) for channel in manager.paused_channels(fresh=True)}
+    except Exception:
+        logger.exception("worker: could not read the paused channels")
+        return set()
+
+
+def _watch_paused(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> tuple[Any, Any]:
     watchers: list[PausedChannelsWatcher] = []
 
     def paused_queues() -> set[str]:
@@ -141,7 +160,7 @@ def _watch_paused(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]
         """Worker main process, once it consumes: stop consuming paused channels (and resume them later)."""
         if getattr(sender, "app", None) is not celery_app:
             return
-        consumed = set(celery_app.amqp.queues.consume_from or {})
+        consumed = set(selected)
 
         def consuming(queue: str) -> bool | None:
             task_consumer = sender.task_consumer  # a new one after each reconnect; None while reconnecting
