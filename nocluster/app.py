@@ -132,7 +132,15 @@ class Application:
 
     @cached_property
     def event_queue(self) -> EventQueue:
-        return EventQueue(self._identity(), load_backend("EVENT_QUEUE", self.config), self.outbox)
+        backend = load_backend("EVENT_QUEUE", self.config)
+        channels = self.config["EVENT_QUEUE"].get("CHANNELS")  # NOCLUSTER_WORKER_CHANNELS
+        return EventQueue(
+            self._identity(),
+            backend,
+            self.outbox,
+            rate_limiter=load_backend("RATE_LIMITS", self.config),
+            channels=channels,
+        )
 
     @cached_property
     def outbox(self) -> Outbox:
@@ -152,12 +160,13 @@ class Application:
     def node_registry(self) -> NodeRegistry:
         """This node's entry in the cluster's node registry (started by :meth:`start`)."""
         return NodeRegistry(
-            self._identity(), RegistrySettings.from_config(self.config), self.plugins.names, self.backend_names()
-        )
+            self._identity(), RegistrySettings.from_config(self.config), self.plugins.names, self.backend_names(),
+            channels=lambda: self.event_queue.consumed_channels(),
+        )  # fmt: skip
 
     def backend_names(self) -> dict[str, str]:
         """The configured backend class of each component, by dotted path (without building anything)."""
-        sections = ("PUBSUB", "EVENT_QUEUE", "LOCKS")
+        sections = ("PUBSUB", "EVENT_QUEUE", "LOCKS", "RATE_LIMITS")
         names = {section.lower(): str(self.config[section]["BACKEND"]) for section in sections}
         names["cache"] = str(settings.CACHES["default"]["BACKEND"])
         return names

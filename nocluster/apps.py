@@ -22,6 +22,7 @@ class NoclusterConfig(AppConfig):
     def ready(self) -> None:
         register(checks.check_nocluster_settings)
         register(checks.durability_check(app.event_queue), deploy=True)
+        register(checks.rate_limit_check(app.event_queue), deploy=True)
         register(checks.check_secret_key, deploy=True)
         app.load_plugins()
         post_migrate.connect(install_plugins_after_migrate, sender=self, dispatch_uid="nocluster-install")

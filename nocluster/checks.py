@@ -1,5 +1,6 @@
 """System checks: a wrong ``NOCLUSTER`` backend path fails ``manage.py check`` with its key; the deployment checks
-(``check --deploy``) flag an event-queue Redis that would lose messages and the project's development secret key."""
+(``check --deploy``) flag an event-queue Redis that would lose messages, rate limits that hold per process only,
+and the project's development secret key."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from nocluster.conf import get_config
 if TYPE_CHECKING:
     from nocluster.queue import EventQueue
 
-SECTIONS = ("PUBSUB", "EVENT_QUEUE", "LOCKS")
+SECTIONS = ("PUBSUB", "EVENT_QUEUE", "LOCKS", "RATE_LIMITS")
 
 
 def check_nocluster_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
@@ -54,6 +55,27 @@ def durability_check(queue: EventQueue) -> Callable[..., list[Warning]]:
         return [Warning(text, id="nocluster.W001") for text in found]
 
     return check_event_queue_durability
+
+
+@lru_cache(maxsize=8)
+def rate_limit_check(queue: EventQueue) -> Callable[..., list[Warning]]:
+    """The ``check --deploy`` check of ``queue``: channels with a ``rate_limit`` while the rate limiter is
+    process-local and the queue is consumed by several processes (any backend but the memory one)."""
+
+    def check_rate_limits_are_cluster_wide(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+        limited = [channel for channel in queue.channels() if queue.subscription(channel).rate_limit]
+        if not limited or queue.rate_limiter.cluster_wide or type(queue.backend).__name__ == "MemoryQueueBackend":
+            return []
+        return [
+            Warning(
+                f"the rate limits of event queue channels {', '.join(limited)} hold per process, not for the cluster: "
+                'NOCLUSTER["RATE_LIMITS"] is the process-local limiter',
+                hint="set NOCLUSTER_RATE_LIMIT_URL (or REDIS_URL) to a Redis every node shares",
+                id="nocluster.W002",
+            )
+        ]
+
+    return check_rate_limits_are_cluster_wide
 
 
 def check_secret_key(app_configs: Any = None, **kwargs: Any) -> list[Error]:

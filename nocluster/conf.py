@@ -13,6 +13,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBSUB": {"BACKEND": "nocluster.pubsub.backends.local.LocalPubSubBackend", "OPTIONS": {}},
     "EVENT_QUEUE": {"BACKEND": "nocluster.queue.backends.database.DatabaseQueueBackend", "OPTIONS": {}},
     "LOCKS": {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}},
+    "RATE_LIMITS": {"BACKEND": "nocluster.queue.rates.backends.local.LocalRateLimiter", "OPTIONS": {}},
     "SYNC": {"DEBOUNCE": 1.0},
 }
 

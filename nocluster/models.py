@@ -50,6 +50,7 @@ class Node(models.Model):
     pid = models.PositiveIntegerField()
     plugins = models.JSONField(default=list)
     backends = models.JSONField(default=dict, help_text="component: backend class")
+    channels = models.JSONField(default=list, blank=True, help_text="event queue channels this node consumes")
     started_at = models.DateTimeField()
     last_heartbeat = models.DateTimeField(db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True, help_text="set when the node stopped gracefully")
@@ -69,6 +70,7 @@ class Node(models.Model):
             "pid": self.pid,
             "plugins": self.plugins,
             "backends": self.backends,
+            "channels": self.channels,
             "started_at": self.started_at.isoformat(),
             "last_heartbeat": self.last_heartbeat.isoformat(),
             "stopped_at": self.stopped_at.isoformat() if self.stopped_at else None,

@@ -80,6 +80,7 @@ class NodeRegistry(Component):
       settings: ``NOCLUSTER["NODES"]``.
       plugins: returns the names of the loaded plugins (recorded with the node).
       backends: the configured backend of each component (recorded with the node).
+      channels: returns the event queue channels this node consumes (recorded with the node; default none).
     """
 
     def __init__(
@@ -88,11 +89,13 @@ class NodeRegistry(Component):
         settings: RegistrySettings,
         plugins: Callable[[], list[str]],
         backends: dict[str, str],
+        channels: Callable[[], list[str]] | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
         self.plugins = plugins
         self.backends = backends
+        self.channels = channels or list
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -133,6 +136,7 @@ class NodeRegistry(Component):
                 "pid": os.getpid(),
                 "plugins": self.plugins(),
                 "backends": self.backends,
+                "channels": self.channels(),
                 "started_at": now,
                 "last_heartbeat": now,
                 "stopped_at": None,

@@ -117,6 +117,8 @@ CACHES["local"] = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "
 # --- Brokers: in-process unless BROKER_URL is set (amqp:// for RabbitMQ or redis:// for Redis). ---
 BROKER_URL = env("BROKER_URL")
 PUBSUB_URL = env("PUBSUB_URL", BROKER_URL)
+# --- Rate limits of queue channels: for the whole cluster in Redis (the locks' one by default), else per process.
+RATE_LIMIT_URL = env("NOCLUSTER_RATE_LIMIT_URL", REDIS_URL)
 
 NOCLUSTER: dict[str, Any] = {
     "NAME": env("NOCLUSTER_NAME", "main"),
@@ -155,6 +157,11 @@ NOCLUSTER: dict[str, Any] = {
         if REDIS_URL
         else {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}}
     ),
+    "RATE_LIMITS": (
+        {"BACKEND": "nocluster.queue.rates.backends.redis.RedisRateLimiter", "OPTIONS": {"url": RATE_LIMIT_URL}}
+        if RATE_LIMIT_URL
+        else {"BACKEND": "nocluster.queue.rates.backends.local.LocalRateLimiter", "OPTIONS": {}}
+    ),
     "SYNC": {"DEBOUNCE": float(env("NOCLUSTER_SYNC_DEBOUNCE", "1.0"))},
     # Periodic jobs (nocluster/schedule/): whether this process claims slots, and how late a slot is still on time.
     "SCHEDULE": {
@@ -169,6 +176,11 @@ NOCLUSTER: dict[str, Any] = {
         "REMOVE_AFTER": float(env("NOCLUSTER_NODE_REMOVE_AFTER", "300")),
     },
 }
+
+# The event queue channels this node consumes (comma-separated; empty: every subscribed one). A Celery worker's
+# --channels option overrides it.
+NOCLUSTER["EVENT_QUEUE"]["CHANNELS"] = [name.strip() for name in env("NOCLUSTER_WORKER_CHANNELS").split(",")
+                                        if name.strip()] or None  # fmt: skip
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

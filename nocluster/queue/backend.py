@@ -37,6 +37,22 @@ class QueueListener(Protocol):
         """Run ``message`` here and settle it (done, retry, failed record)."""
         ...
 
+    def consumes(self, channel: str) -> bool:
+        """Whether this node's routing lets it consume ``channel`` (without prefix)."""
+        ...
+
+    def route(self, channels: object, source: str) -> None:
+        """Consume only ``channels`` (None: keep the routing); raises naming ``source`` for an unknown one."""
+        ...
+
+    def consumed_channels(self) -> list[str]:
+        """The subscribed channels this process takes messages of."""
+        ...
+
+    def rate_slot(self, subscription: Subscription, message: Message, hold: float, longest_defer: float) -> float:
+        """0.0 once ``message`` may run under its channel's rate limit, else seconds to put it aside for."""
+        ...
+
     def execute(self, subscription: Subscription, message: Message, grace: float | None = None) -> Outcome:
         """Run ``message`` once, without settling it."""
         ...
@@ -72,6 +88,8 @@ class QueueBackend(ABC):
       retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
       longest_delay: the longest delay one publish may carry (None: no limit); the manager carries a longer one
         in several hops.
+      rate_hold: how long a node waits in place for a booked slot of a channel's rate limit.
+      longest_defer: the longest a message over its rate limit is put aside for before it asks again.
     """
 
     max_timeout: float | None = None
@@ -82,6 +100,8 @@ class QueueBackend(ABC):
     retry_backoff: float = 1.0
     retry_backoff_max: float = 60.0
     longest_delay: float | None = None
+    rate_hold: float = 1.0
+    longest_defer: float = 60.0
 
     manager: QueueListener
 
@@ -126,6 +146,10 @@ class QueueBackend(ABC):
 
     def after_fork(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
         """In a forked child: forget threads and connections inherited from the parent."""
+
+    def consuming(self) -> bool:
+        """Whether this process takes messages (in-process backends once started; Celery: a worker's processes)."""
+        return False
 
     def depth(self, full_channel: str) -> int | None:
         """Messages waiting on ``full_channel`` (not running), or None when the backend cannot tell."""

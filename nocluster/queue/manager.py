@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,10 @@ from nocluster.queue.backend import QueueBackend
 from nocluster.queue.control import UNIQUE_KEY_LENGTH, QueueControl
 from nocluster.queue.ledger import DedupeLedger
 from nocluster.queue.message import Message, Process, Subscription
+from nocluster.queue.rates import RateLimit, RateLimiter
+from nocluster.queue.rates.backends.local import LocalRateLimiter
+from nocluster.queue.rates.gate import take_slot
+from nocluster.queue.routing import Routing, channel_list
 from nocluster.queue.runner import Outcome, run_message
 from nocluster.queue.signal import CANCELLED, AbortSignal
 
@@ -46,6 +50,8 @@ BATCH_SIZE = 500
 UNIQUE_TTL = 3600.0
 # Seconds before a message of a paused channel that a consumer took anyway is offered again.
 PAUSE_RECHECK = 1.0
+# Where a node's channels come from when its worker command does not say (NOCLUSTER_WORKER_CHANNELS).
+CHANNELS_SETTING = 'NOCLUSTER["EVENT_QUEUE"]["CHANNELS"] (NOCLUSTER_WORKER_CHANNELS)'
 
 
 class EventQueue(Component):
@@ -56,13 +62,24 @@ class EventQueue(Component):
       backend: a :class:`~nocluster.queue.backend.QueueBackend`.
       outbox: where messages published inside a transaction wait for its commit.
       control: the cluster-wide paused channels, cancels and unique keys (default: in the default database).
+      rate_limiter: holds the channels' ``rate_limit`` (default: a process-local one).
+      channels: the channels this node consumes (None: every subscribed one); checked when it starts.
     """
 
     def __init__(
-        self, identity: NodeIdentity, backend: QueueBackend, outbox: Outbox, control: QueueControl | None = None
+        self,
+        identity: NodeIdentity,
+        backend: QueueBackend,
+        outbox: Outbox,
+        *,
+        control: QueueControl | None = None,
+        rate_limiter: RateLimiter | None = None,
+        channels: Sequence[str] | None = None,
     ) -> None:
         self.identity = identity
         self.outbox = outbox
+        self.rate_limiter = rate_limiter if rate_limiter is not None else LocalRateLimiter()
+        self._routing = Routing(channel_list(channels, CHANNELS_SETTING), CHANNELS_SETTING)
         self.ledger = DedupeLedger(identity.name)
         self.control = control or QueueControl(identity.name)
         self._stopped = False
@@ -78,7 +95,12 @@ class EventQueue(Component):
         return f"{self.identity.name}.{channel}"
 
     def subscribe(
-        self, channel: str, process: Process, concurrency: int = 1, idle: Callable[[], bool] | None = None
+        self,
+        channel: str,
+        process: Process,
+        concurrency: int = 1,
+        idle: Callable[[], bool] | None = None,
+        rate_limit: str | None = None,
     ) -> None:
         """Run ``process(payload, context)`` for messages of ``channel`` on this node's consumers.
 
@@ -87,6 +109,9 @@ class EventQueue(Component):
           process: called with the JSON payload and a :class:`~nocluster.queue.message.Context`.
           concurrency: at most this many ``process`` calls of this channel at once on one node (>= 1).
           idle: asked before this node takes a message; False leaves it queued (no retry is counted).
+          rate_limit: ``"N/s"``, ``"N/m"`` or ``"N/h"``: at most N runs of the channel per second, minute or hour
+            across every node using the same rate limiter (``NOCLUSTER["RATE_LIMITS"]``), spread evenly. A message
+            over the limit waits (a near slot in place, a far one put aside), never spending a retry.
 
         Every process of the project registers the same subscriptions; only consumer processes run them.
         Subscribing a channel again replaces its process.
@@ -95,7 +120,8 @@ class EventQueue(Component):
         count(concurrency, f"channel {channel!r}: concurrency", least=1, most=1000)
         if not callable(process) or (idle is not None and not callable(idle)):
             raise TypeError(f"channel {channel!r}: process and idle must be callable")
-        subscription = Subscription(channel, process, concurrency, idle)
+        limit = None if rate_limit is None else RateLimit.parse(rate_limit, f"channel {channel!r}: rate_limit")
+        subscription = Subscription(channel, process, concurrency, idle, limit)
         with self._lock:
             self._subscriptions[channel] = subscription
         self.backend.register(self.full_channel(channel), subscription)
@@ -113,6 +139,26 @@ class EventQueue(Component):
     def channels(self) -> list[str]:
         """The subscribed channels (without prefix)."""
         return sorted(self._subscriptions)
+
+    def route(self, channels: object, source: str) -> None:
+        """Consume only ``channels`` on this node (``"a,b"`` or a list; None or empty keeps the routing it has);
+        ``source`` names where they came from in errors (a worker option). Checked at once against the
+        subscriptions: raises :class:`~nocluster.errors.UnknownChannel` (or ``InvalidChannel``) naming it."""
+        routed = channel_list(channels, source)
+        routing = self._routing if routed is None else Routing(routed, source)
+        routing.check(self.channels())
+        self._routing = routing
+
+    def consumes(self, channel: str) -> bool:
+        """Whether this node's routing lets it consume ``channel`` (without prefix)."""
+        return self._routing.consumes(channel)
+
+    def consumed_channels(self) -> list[str]:
+        """The subscribed channels this process takes messages of: none in a process that does not consume (a web
+        node on the Celery backend, a node not started), else those its routing allows."""
+        if not self.backend.consuming():
+            return []
+        return [channel for channel in self.channels() if self.consumes(channel)]
 
     def depths(self) -> dict[str, int | None]:
         """Messages waiting per subscribed channel (None where the backend cannot tell)."""
@@ -383,6 +429,26 @@ class EventQueue(Component):
         if message.unique_key:
             self.control.release_unique(message.unique_key, message.id)
 
+    def rate_key(self, channel: str) -> str:
+        """The rate limiter's key of ``channel``: ``"{app.name}:rate:{channel}"``."""
+        return f"{self.identity.name}:rate:{channel}"
+
+    def rate_slot(self, subscription: Subscription, message: Message, hold: float, longest_defer: float) -> float:
+        """Before running ``message``: 0.0 once it may run (after waiting in place up to ``hold`` seconds for a
+        booked slot of the channel's ``rate_limit``), else the seconds (at most ``longest_defer``) for which the
+        backend puts it aside: published again with that delay, no retry counted (:mod:`.rates.gate`).
+
+        A message that :meth:`execute` holds back anyway (not due yet, its channel paused) takes no slot.
+        """
+        if subscription.rate_limit is None:
+            return 0.0
+        if message.not_before > time.time() or self.control.is_paused(message.channel):
+            return 0.0
+        return take_slot(
+            self.rate_limiter, self.rate_key(subscription.channel), subscription.rate_limit, hold=hold,
+            longest_defer=longest_defer, what=f"{self.full_channel(message.channel)} {message.id}",
+        )  # fmt: skip
+
     # --- cancellation and pause ----------------------------------------------------------------------------------
     def cancel(self, message_id: str) -> bool:
         """Cancel message ``message_id`` for good: stored, so a queued or delayed copy is dropped before it runs,
@@ -452,6 +518,7 @@ class EventQueue(Component):
     def start(self) -> None:
         """Start this process's consumers (in-process backends: worker threads; celery: nothing, workers consume)."""
         self._stopped = False
+        self._routing.check(self.channels())
         self.backend.start()
 
     def stop(self) -> None:
@@ -460,12 +527,16 @@ class EventQueue(Component):
         self._stopped = True
         self.backend.stop()
 
+    def close(self) -> None:
+        self.rate_limiter.close()
+
     def after_fork(self) -> None:
         # A lock held by a parent thread at fork time would never be released in the child: replace it.
         self._lock = threading.Lock()
         self._running = {}
         self.control.forget_paused()
         self.backend.after_fork()
+        self.rate_limiter.after_fork()
 
 
 def not_before(channel: str, delay: object, eta: object) -> float:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from nocluster.durations import seconds
 from nocluster.envelope import JSON, validate_channel, wire_field, wire_id, wire_json, wire_number, wire_object
 from nocluster.errors import InvalidChannel, MalformedMessage
+from nocluster.queue.rates.limit import RateLimit
 from nocluster.queue.signal import AbortSignal
 
 
@@ -113,12 +114,14 @@ class Process(Protocol):
 
 @dataclass
 class Subscription:
-    """A channel's consumer: ``process(payload, context)``, at most ``concurrency`` at once per node."""
+    """A channel's consumer: ``process(payload, context)``, at most ``concurrency`` at once per node, and at most
+    ``rate_limit`` runs for the whole cluster (None: no limit)."""
 
     channel: str
     process: Process
     concurrency: int = 1
     idle: Callable[[], bool] | None = None
+    rate_limit: RateLimit | None = None
 
     def is_idle(self) -> bool:
         """Ask ``idle()`` (True when there is none). Backends treat an ``idle`` that raises as not idle."""

@@ -200,7 +200,11 @@ def kill_workers_until_recorded_failed(cluster: Cluster, message_id: str) -> Fai
                 cluster.workers[index] = Worker(name, cluster.env, include=cluster.include)
         return FailedMessage.objects.filter(message_id=message_id).exists()
 
-    wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+    try:
+        wait_until(recorded_or_restart, timeout=180, interval=0.2, message="the failed record")
+    except AssertionError as exc:
+        logs = "".join(f"\n--- worker {w.name}:\n{w.log_text()[-3000:]}" for w in cluster.workers)
+        raise AssertionError(f"{exc}; the workers' logs end:{logs}") from None
     for worker in cluster.workers:
         worker.wait_ready()
     cluster.drain()

@@ -129,6 +129,9 @@ def register(app: Application) -> None:
         client().incr(f"{name}:gate-asks")
         return client().get(f"{name}:idle") == b"1"
 
+    def rated(payload: Any, context: Context) -> None:
+        record(context.channel, context, payload=payload)  # "rated" or "rated-fast"
+
     def long(payload: Any, context: Context) -> None:
         record("long-start", context)
         if context.signal.wait(payload["sleep"]):
@@ -160,6 +163,8 @@ def register(app: Application) -> None:
 
     queue.subscribe("pausable", pausable, concurrency=3)
     queue.subscribe("held", held, concurrency=3)
+    queue.subscribe("rated", rated, concurrency=3, rate_limit="10/s")
+    queue.subscribe("rated-fast", rated, concurrency=2, rate_limit="20/s")
 
 
 def publish_together(app: Application, start_at: float, count: int, unique_key: str) -> list[str]:

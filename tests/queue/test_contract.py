@@ -234,3 +234,28 @@ def test_publish_many_in_a_transaction_goes_out_on_commit_and_never_after_a_roll
     wait_until(lambda: all(of(queue.events("echo"), message_id) for message_id in committed), timeout=30)
     queue.drain()
     assert not [event for event in queue.events("echo") if event["id"] in rolled_back]
+
+
+def starts_within(times: list[float], window: float) -> int:
+    """The most of ``times`` (seconds) inside any stretch of ``window`` seconds."""
+    ordered = sorted(times)
+    return max(sum(1 for later in ordered[index:] if later < start + window) for index, start in enumerate(ordered))
+
+
+def test_a_rate_limit_spreads_the_runs_without_spending_retries(queue: Cluster) -> None:
+    # Given a channel limited to 10/s for the whole cluster (3 at once per node), and 15 messages published at once
+    ids = set(queue.app.event_queue.publish_many("rated", list(range(15)), timeout=5))
+
+    # When every one has run
+    queue.drain()
+    events = [event for event in queue.events("rated") if event["id"] in ids]
+
+    # Then each ran once, on its first try, and none was recorded failed
+    assert sorted(event["id"] for event in events) == sorted(ids)
+    assert {event["retried"] for event in events} == {0}
+    assert not FailedMessage.objects.filter(message_id__in=ids).exists()
+    # And they were spread out: one every 0.1 s, so at most 10 + 1 (the burst) start within a second (one more
+    # allowed for the delay between a slot and the handler's clock), and the 15 took over a second
+    times = [event["t"] for event in events]
+    assert starts_within(times, 1.0) <= 12, sorted(times)
+    assert max(times) - min(times) >= 1.0, sorted(times)

@@ -33,7 +33,9 @@ LIMIT_OPTIONS = {
 class Worker:
     """One Celery worker (main process + ``concurrency`` pool processes) in its own process group."""
 
-    def __init__(self, name: str, env: dict[str, str], concurrency: int = 3, include: str = "") -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], concurrency: int = 3, include: str = "", args: tuple[str, ...] = ()
+    ) -> None:
         self.name = name
         self.log = Path(tempfile.mkstemp(prefix=f"nocluster-{name}-", suffix=".log")[1])
         command = [
@@ -43,6 +45,7 @@ class Worker:
         ]  # fmt: skip
         if include:
             command += ["-I", include]
+        command += args
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 command,
@@ -70,7 +73,10 @@ class Worker:
                 raise AssertionError(f"worker {self.name} exited; log:\n{self.log_text()[-3000:]}")
             return " ready." in self.log_text()
 
-        wait_until(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")
+        try:
+            wait_until(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log ends:\n{self.log_text()[-3000:]}") from None
         return self
 
     def kill(self) -> None:

@@ -1,4 +1,5 @@
-"""``manage.py cluster``: the nodes, the backends and whether each is reachable, queue depths, failed messages."""
+"""``manage.py cluster``: the nodes, the backends and whether each is reachable, queue depths, which live nodes
+consume each channel (and its rate limit), failed messages."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def backends() -> dict[str, dict[str, Any]]:
         "pubsub": {"backend": names["pubsub"], **probe(app.pub_sub_manager.backend.ping)},
         "event_queue": {"backend": names["event_queue"], **probe(app.event_queue.backend.ping)},
         "locks": {"backend": names["locks"], **probe(lambda: app.lock_manager.get_lock("cluster-probe"))},
+        "rate_limits": {"backend": names["rate_limits"], **probe(app.event_queue.rate_limiter.ping)},
     }
 
 
@@ -46,6 +48,39 @@ def queue_depths() -> dict[str, Any]:
         return {"depths": app.event_queue.depths(), "error": None}
     except Exception as exc:
         return {"depths": {}, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+
+
+def channels(node_list: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Per subscribed channel: its rate limit and the live nodes that consume it (None when the registry is
+    unknown: it cannot be read, or this process does not keep one)."""
+    known = node_list is not None and app.node_registry.settings.enabled
+    live = [node for node in node_list or [] if node["state"] == "up"]
+    return {
+        channel: {
+            "rate_limit": str(limit) if (limit := app.event_queue.subscription(channel).rate_limit) else None,
+            "consumers": [node["instance_id"] for node in live if channel in (node.get("channels") or [])]
+            if known
+            else None,
+        }
+        for channel in app.event_queue.channels()
+    }
+
+
+def channel_warnings(report: dict[str, dict[str, Any]]) -> list[str]:
+    """A subscribed channel no live node consumes; a rate limit that each of several consumers keeps alone."""
+    warnings = []
+    per_process = not app.event_queue.rate_limiter.cluster_wide
+    for channel, entry in report.items():
+        consumers = entry["consumers"]
+        if consumers == []:
+            warnings.append(f"event queue channel {channel!r} is subscribed but no live node consumes it")
+        elif per_process and entry["rate_limit"] and consumers and len(consumers) > 1:
+            warnings.append(
+                f"event queue channel {channel!r}: rate limit {entry['rate_limit']} holds per process, not for the "
+                f'cluster ({len(consumers)} live consumers; NOCLUSTER["RATE_LIMITS"] is process-local: set '
+                "NOCLUSTER_RATE_LIMIT_URL or REDIS_URL)"
+            )
+    return warnings
 
 
 def failed_messages() -> int | None:
@@ -82,15 +117,18 @@ class Command(BaseCommand):
         parser.add_argument("--check", action="store_true", help="exit with status 1 if a backend is unreachable")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        node_list = nodes()
         report: dict[str, Any] = {
             "app": app.name,
-            "nodes": nodes(),
+            "nodes": node_list,
             "backends": backends(),
             "queues": queue_depths(),
+            "channels": channels(node_list),
             "failed_messages": failed_messages(),
             "outbox": outbox(),
             "warnings": durability(),
         }
+        report["warnings"] += channel_warnings(report["channels"])
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2, default=str))
         else:
@@ -125,6 +163,14 @@ class Command(BaseCommand):
             write(f"  (unknown: {queues['error']})")
         for channel, depth in queues["depths"].items():
             write(f"  {channel:<40} {'?' if depth is None else depth}")
+        write("\nConsumers")
+        for channel, entry in report["channels"].items():
+            limit = f" (rate limit {entry['rate_limit']})" if entry["rate_limit"] else ""
+            if entry["consumers"] is None:
+                consumers = "? (no node registry)"
+            else:
+                consumers = ", ".join(node[:12] for node in entry["consumers"]) or "NONE"
+            write(f"  {channel + limit:<40} {consumers}")
         failed = report["failed_messages"]
         write(f"\nFailed queue messages: {'?' if failed is None else failed}")
         backlog = report["outbox"]

@@ -11,6 +11,11 @@ subscribed channel. Messages stay ordinary Celery messages (JSON, one positional
 - concurrency: a per-node file-lock semaphore (:mod:`nocluster.queue.slots`); a node whose slots are full, or
   whose ``idle()`` says False, publishes the message again after ``defer_delay`` seconds and acks this copy,
   without counting a retry.
+- rate limits: holding a concurrency slot, the pool process waits in place for a booked slot up to ``rate_hold``
+  seconds (``min(1, grace / 2)``, so the wait never eats the time limits' grace), or publishes the message again
+  for when its slot is near, at most the longest delay the Redis visibility timeout covers (:mod:`..rates.gate`).
+- routing: a worker consumes the channels its ``--channels`` option (or ``NOCLUSTER_WORKER_CHANNELS``) names, or
+  every subscribed one (:mod:`.celery_worker`).
 - a pool process killed mid-task (SIGKILL, OOM, ``os._exit``): Celery runs the message again
   (``task_retry_on_worker_lost``), ``max_deliveries`` times in all, then it is recorded as failed. A whole worker
   killed: the broker delivers it again (RabbitMQ at once; on Redis a live worker puts it back about
@@ -85,6 +90,8 @@ class CeleryQueueBackend(QueueBackend):
     gone_workers: GoneWorkers | None = None
     # Seconds between a worker's reads of the paused channels (it stops consuming a paused channel's queue).
     pause_refresh: float = PAUSE_REFRESH
+    # In a worker's processes (set by consume() before the pool forks): this process takes messages.
+    worker = False
 
     def __init__(
         self,
@@ -114,6 +121,7 @@ class CeleryQueueBackend(QueueBackend):
         # A message waits out its countdown in a worker that holds it unacked: on Redis the visibility timeout
         # must cover the longest one, so a longer delay travels in hops of at most this.
         self.longest_delay = longest_delay(self.limits)
+        self.rate_hold, self.longest_defer = min(1.0, self.grace / 2), longest_delay(self.limits)
         self.max_deliveries = count(max_deliveries, "CeleryQueueBackend option max_deliveries", least=1)
         self.queue_type = checked_queue_type(queue_type, broker_url)
         self.liveness = checked_liveness(heartbeat, gone_after)
@@ -232,10 +240,22 @@ class CeleryQueueBackend(QueueBackend):
         return warnings
 
     def queues(self) -> list[Queue]:
-        """The Celery queues of the subscribed channels (what a worker consumes)."""
+        """The Celery queues of the subscribed channels this node's routing allows (what a worker consumes)."""
         return [
-            celery_queue(self.manager.full_channel(channel), self.queue_type) for channel in self.manager.channels()
+            celery_queue(self.manager.full_channel(channel), self.queue_type)
+            for channel in self.manager.channels()
+            if self.manager.consumes(channel)
         ]
+
+    def consume(self, channels: object) -> list[Queue]:
+        """In a worker's main process (before its pool forks): consume ``channels`` (the ``--channels`` option;
+        None: the setting's, or every subscribed one) and return their queues. Raises naming an unknown one."""
+        self.manager.route(channels, f"celery worker --channels={channels}")
+        self.worker = True
+        return self.queues()
+
+    def consuming(self) -> bool:
+        return self.worker
 
     # --- in the worker ----------------------------------------------------------------------------------------
     def track_deliveries(self) -> GoneWorkers | None:
@@ -273,6 +293,8 @@ class CeleryQueueBackend(QueueBackend):
         with node_slot(self.manager.identity.name, node, message.channel, subscription.concurrency) as slot:
             if slot is None:
                 self.defer(full_channel, message)
+                return
+            if self._rate_limited(full_channel, subscription, message):
                 return
             try:
                 outcome = self.manager.execute(subscription, message)
@@ -332,6 +354,17 @@ class CeleryQueueBackend(QueueBackend):
         except Exception:
             logger.exception("queue %s: idle() raised; treating this node as busy", full_channel)
             return False
+
+    def _rate_limited(self, full_channel: str, subscription: Subscription, message: Message) -> bool:
+        """Wait for the channel's rate limit; when its slot is far, publish ``message`` again for then (True)."""
+        delay = self.manager.rate_slot(subscription, message, self.rate_hold, self.longest_defer)
+        if not delay:
+            return False
+        try:
+            self.publish(full_channel, message, delay=delay)
+        except Exception as exc:
+            raise Reject(exc, requeue=True) from exc  # the broker keeps this copy instead
+        return True
 
     def defer(self, full_channel: str, message: Message) -> None:
         """Leave ``message`` for later or another node: publish it again after ``defer_delay`` s (no retry counted)."""

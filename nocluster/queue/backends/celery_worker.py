@@ -1,6 +1,7 @@
 """What runs in the Celery worker for :class:`~nocluster.queue.backends.celery.CeleryQueueBackend`: the one task,
-the queue selection when the worker starts, the settling of tries that never came back, a consumer that
-reconnects to its broker quickly, and on Redis the restore of gone workers' messages (:mod:`.gone_workers`).
+the queue selection when the worker starts (its ``--channels`` option), the settling of tries that never came
+back, a consumer that reconnects to its broker quickly, and on Redis the restore of gone workers' messages
+(:mod:`.gone_workers`).
 
 Each is bound to its backend (no lookup of a global application): :func:`install` registers the task on the
 backend's own Celery app and connects the signal handlers, which ignore every other Celery app of the process.
@@ -14,11 +15,12 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
+import click
 from celery import Celery, Task, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.consumer import Consumer
 
-from nocluster.errors import MalformedMessage
+from nocluster.errors import MalformedMessage, NoclusterError
 from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
 from nocluster.queue.backends.celery_pause import PausedChannelsWatcher
 from nocluster.queue.backends.gone_workers import GoneWorkers
@@ -32,10 +34,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = "nocluster.queue.deliver"
+# The exit status of a worker whose configuration is wrong (sysexits.h).
+EX_CONFIG = 78
 # Seconds between the worker's attempts to reach its broker again: the first after RECONNECT_STEP, each later one
 # RECONNECT_STEP longer, at most RECONNECT_MAX apart (Celery leaves kombu's 2 s, +2 s, at most 30 s).
 RECONNECT_STEP = 0.2
 RECONNECT_MAX = 1.0
+# The worker option naming the channels it consumes (``celery -A nocluster.celery worker --channels=a,b``).
+CHANNELS_OPTION = click.Option(
+    ["--channels"],
+    default=None,
+    help="Comma-separated event queue channels (without the app prefix) this worker consumes; default: "
+    "NOCLUSTER_WORKER_CHANNELS, or every subscribed channel. A channel nothing subscribed stops the worker.",
+)
 
 
 class QuickReconnectConsumer(Consumer):
@@ -67,7 +78,11 @@ class WorkerBackend(Protocol):
         ...
 
     def queues(self) -> list[Queue]:
-        """The Celery queues of the subscribed channels."""
+        """The Celery queues of the subscribed channels this node consumes."""
+        ...
+
+    def consume(self, channels: object) -> list[Queue]:
+        """Consume ``channels`` (the ``--channels`` option, or None) and return their queues."""
         ...
 
     def run(self, task: Task, message: Message) -> None:
@@ -93,6 +108,7 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
         name=TASK_NAME, bind=True, shared=False, ignore_result=True, max_retries=backend.max_deliveries - 1,
         default_retry_delay=1, typing=False,
     )(deliver)  # fmt: skip
+    celery_app.user_options["worker"].add(CHANNELS_OPTION)
     uid = f"nocluster.queue.{id(backend)}"
     # The queues this worker consumes when nothing is paused (filled when it starts, read by the pause watcher).
     selected: set[str] = set()
@@ -109,10 +125,17 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
 
 def _consume(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> Any:
     def consume_subscribed_channels(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
-        """Worker main process, once Django and the plugins are loaded: consume every subscribed channel."""
+        """Worker main process, once Django and the plugins are loaded: consume every subscribed channel its
+        routing allows. A channel nothing subscribed stops the worker (exit status 78, EX_CONFIG)."""
         if instance is None or instance.app is not celery_app:
             return
-        queues = backend.queues()
+        try:
+            queues = backend.consume((getattr(instance, "options", None) or {}).get("channels"))
+        except NoclusterError as exc:
+            logger.critical("worker %s cannot start: %s", sender, exc)
+            # SystemExit passes through Celery's signal dispatch (which logs and swallows an Exception) and makes
+            # the worker stop with this status.
+            raise SystemExit(EX_CONFIG) from exc
         selected.update(queue.name for queue in queues)
         # A paused channel's queue is not consumed from the start (the pause watcher adds it on resume).
         paused = paused_queue_names(backend)

@@ -179,8 +179,13 @@ class DatabaseQueueBackend(QueueBackend):
         for channel in self._channels.values():
             channel.threads = []
 
+    def consuming(self) -> bool:
+        return self._started
+
     # --- workers ----------------------------------------------------------------------------------------------
     def _spawn(self, channel: _Channel) -> None:
+        if not self.manager.consumes(channel.subscription.channel):
+            return  # routed elsewhere (NOCLUSTER_WORKER_CHANNELS)
         alive = [thread for thread in channel.threads if thread.is_alive()]
         for index in range(len(alive), channel.subscription.concurrency):
             thread = threading.Thread(
@@ -254,6 +259,8 @@ class DatabaseQueueBackend(QueueBackend):
     def _run(self, channel: _Channel, pk: int, message: Message) -> None:
         node = self.manager.identity.instance_id
         try:
+            if self._rate_limited(channel, pk, message):
+                return
             outcome = self.manager.execute(channel.subscription, message, self.grace)
             with transaction.atomic(using=self.alias):
                 # The retry or failed record and the deletion of this try commit together.
@@ -267,6 +274,16 @@ class DatabaseQueueBackend(QueueBackend):
             with self._cond:
                 self._running.discard(pk)
             close_old_connections()
+
+    def _rate_limited(self, channel: _Channel, pk: int, message: Message) -> bool:
+        """Wait for the channel's rate limit; when its slot is far, give the row back, due later (True)."""
+        delay = self.manager.rate_slot(channel.subscription, message, self.rate_hold, self.longest_defer)
+        if not delay:
+            return False
+        due = timezone.now() + timedelta(seconds=delay)
+        owner = self.manager.identity.instance_id
+        self._rows().filter(pk=pk, lease_owner=owner).update(due=due, lease_owner="", lease_until=None)
+        return True
 
     def _renew_leases(self) -> None:
         while not self._stopped.wait(self.lease / 3):

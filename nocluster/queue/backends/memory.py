@@ -129,6 +129,9 @@ class MemoryQueueBackend(QueueBackend):
         for name, subscription in subscriptions.items():
             self._channels[name] = _Channel(name, subscription)
 
+    def consuming(self) -> bool:
+        return self._started
+
     # --- for tests ------------------------------------------------------------------------------------
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait up to ``timeout`` seconds until no message is queued or running; True if that happened."""
@@ -148,6 +151,8 @@ class MemoryQueueBackend(QueueBackend):
 
     # --- workers ----------------------------------------------------------------------------------------
     def _spawn(self, channel: _Channel) -> None:
+        if not self.manager.consumes(channel.subscription.channel):
+            return  # routed elsewhere (NOCLUSTER_WORKER_CHANNELS)
         alive = [thread for thread in channel.threads if thread.is_alive()]
         for index in range(len(alive), channel.subscription.concurrency):
             thread = threading.Thread(
@@ -163,6 +168,8 @@ class MemoryQueueBackend(QueueBackend):
                 message = self._take(channel)
                 if message is None:
                     return
+                if self._rate_limited(channel, message):
+                    continue
                 try:
                     self.manager.deliver(message, node=self.manager.identity.instance_id, grace=self.grace)
                 except Exception:
@@ -197,6 +204,17 @@ class MemoryQueueBackend(QueueBackend):
                     return heapq.heappop(channel.ready)[2]
                 if due:
                     self._cond.wait(self.poll_interval)
+
+    def _rate_limited(self, channel: _Channel, message: Message) -> bool:
+        """Wait for the channel's rate limit; put ``message`` back, due later, when its slot is far (True)."""
+        delay = self.manager.rate_slot(channel.subscription, message, self.rate_hold, self.longest_defer)
+        if not delay:
+            return False
+        with self._cond:
+            heapq.heappush(channel.ready, (time.monotonic() + delay, next(self._seq), message))
+            channel.in_flight -= 1
+            self._cond.notify_all()
+        return True
 
     def _is_idle(self, channel: _Channel) -> bool:
         """``idle()`` of the subscription; a paused channel is never idle (its messages stay queued)."""

@@ -1,0 +1,1 @@
+"""Rate limiter backends: ``local`` (one process) and ``redis`` (the whole cluster)."""
