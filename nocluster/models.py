@@ -158,6 +158,28 @@ class Redelivery(models.Model):
         return f"{self.message_id} try {self.retried}: {self.deliveries} deliveries"
 
 
+class ParkedMessage(models.Model):
+    """An event queue message waiting out a long delay in the database instead of in a consumer
+    (:mod:`nocluster.queue.parking`): sent to its broker shortly before ``due``, then deleted."""
+
+    app_name = models.CharField(max_length=100)
+    channel = models.CharField(max_length=200, help_text="channel, without the app prefix")
+    message_id = models.CharField(max_length=64)
+    body = models.JSONField(help_text="the message as it travels (JSON)")
+    due = models.DateTimeField(help_text="when it may run")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["due", "id"]
+        indexes = [
+            models.Index(fields=["app_name", "due"], name="nocluster_parked_due"),
+            models.Index(fields=["app_name", "message_id"], name="nocluster_parked_message"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.message_id} due {self.due:%Y-%m-%d %H:%M:%S}"
+
+
 class ChannelState(models.Model):
     """A paused event queue channel, cluster-wide (see :mod:`nocluster.queue.control`): no node runs its messages
     until it is resumed. A channel without a row, or with ``paused`` false, runs."""

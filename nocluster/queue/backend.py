@@ -57,6 +57,14 @@ class QueueListener(Protocol):
         """Run ``message`` once, without settling it."""
         ...
 
+    def send_later(self, full_channel: str, message: Message, delay: float) -> None:
+        """Queue ``message`` again, to run ``delay`` seconds from now (parked if the backend says so)."""
+        ...
+
+    def release_parked(self) -> int:
+        """Send the parked messages that are due soon; return how many."""
+        ...
+
     def settle(self, message: Message, outcome: Outcome, node: str) -> None:
         """After a try: nothing, a retry with backoff, or a failed record."""
         ...
@@ -88,6 +96,8 @@ class QueueBackend(ABC):
       retry_backoff, retry_backoff_max: the delay before try n+1 is ``min(retry_backoff * 2**n, retry_backoff_max)``.
       longest_delay: the longest delay one publish may carry (None: no limit); the manager carries a longer one
         in several hops.
+      park_after: a message to be sent later than this is kept in the database meanwhile, not in the backend
+        (:mod:`nocluster.queue.parking`); None: the backend keeps delayed messages itself.
       rate_hold: how long a node waits in place for a booked slot of a channel's rate limit.
       longest_defer: the longest a message over its rate limit is put aside for before it asks again.
     """
@@ -100,6 +110,7 @@ class QueueBackend(ABC):
     retry_backoff: float = 1.0
     retry_backoff_max: float = 60.0
     longest_delay: float | None = None
+    park_after: float | None = None
     rate_hold: float = 1.0
     longest_defer: float = 60.0
 

@@ -28,6 +28,7 @@ from nocluster.queue.backend import QueueBackend
 from nocluster.queue.control import UNIQUE_KEY_LENGTH, QueueControl
 from nocluster.queue.ledger import DedupeLedger
 from nocluster.queue.message import Message, Process, Subscription
+from nocluster.queue.parking import ParkedMessages
 from nocluster.queue.rates import RateLimit, RateLimiter
 from nocluster.queue.rates.backends.local import LocalRateLimiter
 from nocluster.queue.rates.gate import take_slot
@@ -62,6 +63,8 @@ class EventQueue(Component):
       backend: a :class:`~nocluster.queue.backend.QueueBackend`.
       outbox: where messages published inside a transaction wait for its commit.
       control: the cluster-wide paused channels, cancels and unique keys (default: in the default database).
+      parking: where a message waits out a delay longer than the backend's ``park_after`` (default: a table
+        of the default database).
       rate_limiter: holds the channels' ``rate_limit`` (default: a process-local one).
       channels: the channels this node consumes (None: every subscribed one); checked when it starts.
     """
@@ -73,6 +76,7 @@ class EventQueue(Component):
         outbox: Outbox,
         *,
         control: QueueControl | None = None,
+        parking: ParkedMessages | None = None,
         rate_limiter: RateLimiter | None = None,
         channels: Sequence[str] | None = None,
     ) -> None:
@@ -82,6 +86,7 @@ class EventQueue(Component):
         self._routing = Routing(channel_list(channels, CHANNELS_SETTING), CHANNELS_SETTING)
         self.ledger = DedupeLedger(identity.name)
         self.control = control or QueueControl(identity.name)
+        self.parking = parking or ParkedMessages(identity.name)
         self._stopped = False
         self.backend = backend
         self._subscriptions: dict[str, Subscription] = {}
@@ -310,8 +315,15 @@ class EventQueue(Component):
             raise ValueError(f"channel {channel!r}: {problem}")
         return seconds_, count(max_retries, f"channel {channel!r}: max_retries", most=MAX_RETRIES)
 
+    def send_later(self, full_channel: str, message: Message, delay: float) -> None:
+        """Queue ``message`` again to run ``delay`` seconds from now (or at its ``not_before``, if later), parked in
+        the database if that is further off than the backend's ``park_after``. Raises ``PublishError``."""
+        self._send(full_channel, message, delay)
+
     def _send(self, full_channel: str, message: Message, delay: float = 0.0) -> None:
         delay = max(delay, message.not_before - time.time())
+        if self.backend.park_after is not None and delay > self.backend.park_after and self._park(message, delay):
+            return
         if self.backend.longest_delay is not None:
             delay = min(delay, self.backend.longest_delay)  # the rest in another hop (see execute)
         try:
@@ -322,6 +334,25 @@ class EventQueue(Component):
             raise PublishError(
                 f"queue channel {message.channel!r}: message {message.id} not queued: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _park(self, message: Message, delay: float) -> bool:
+        try:
+            self.parking.park(message, delay)
+            return True
+        except Exception as exc:
+            logger.warning(
+                "%s %s: could not park it for %.1f s (%s: %s); sent with a countdown instead",
+                self.full_channel(message.channel), message.id, delay, type(exc).__name__,
+                str(exc).splitlines()[0][:200], extra={"channel": message.channel, "message_id": message.id},
+            )  # fmt: skip
+            return False
+
+    def release_parked(self) -> int:
+        """Send the parked messages due within :data:`~nocluster.queue.parking.LEAD` seconds to the broker, with
+        the rest of their delay; return how many (the release thread of a Celery worker calls this)."""
+        return self.parking.release_due(
+            lambda message, left: self._send(self.full_channel(message.channel), message, left)
+        )
 
     # --- running (called by backends) ------------------------------------------------------------------------
     def deliver(self, message: Message, node: str, grace: float | None = None) -> Outcome:
@@ -458,6 +489,8 @@ class EventQueue(Component):
         A try running on another node is stopped by :meth:`abort` there (``tasks`` sends that over pub/sub).
         """
         self.control.store_cancel(message_id)
+        if self.backend.park_after is not None:
+            self.parking.discard(message_id)
         return self.abort(message_id)
 
     def abort(self, message_id: str, reason: str = CANCELLED) -> bool:
@@ -510,9 +543,15 @@ class EventQueue(Component):
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until nothing of this app is queued, delayed, held or running (``timeout`` seconds); True if so.
 
-        For tests and tools (see :meth:`QueueBackend.drain`).
+        For tests and tools (see :meth:`QueueBackend.drain`); parked messages count as delayed.
         """
-        return self.backend.drain(timeout)
+        deadline = time.monotonic() + timeout
+        if self.backend.park_after is not None:
+            while self.parking.count():
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        return self.backend.drain(max(deadline - time.monotonic(), 0.0))
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:

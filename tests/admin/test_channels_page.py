@@ -65,7 +65,7 @@ def test_the_queue_command_pauses_shows_and_resumes(db: None) -> None:
     assert not app.event_queue.paused_channels(fresh=True)
     table = StringIO()
     call_command("queue", "status", CHANNEL, stdout=table)
-    assert table.getvalue().split()[:5] == ["CHANNEL", "STATE", "DEPTH", CHANNEL, "running"]
+    assert table.getvalue().split()[:6] == ["CHANNEL", "STATE", "DEPTH", "DELAYED", CHANNEL, "running"]
 
 
 def test_the_queue_command_refuses_an_unknown_channel(db: None) -> None:

@@ -17,7 +17,8 @@ class Command(BaseCommand):
         "Control the event queue of this app (NOCLUSTER NAME) on every node: 'pause CHANNEL' leaves the channel's "
         "messages queued (nothing is lost) until 'resume CHANNEL'; both persist across restarts and take effect "
         "on every consumer within a second. 'status [CHANNEL]' lists the subscribed channels with their depth "
-        "and whether they are paused. 'cancel MESSAGE_ID' cancels a message for good: a queued or delayed copy "
+        "(queued), the messages waiting out a long delay in the database (delayed; Celery backend) and whether "
+        "they are paused. 'cancel MESSAGE_ID' cancels a message for good: a queued or delayed copy "
         "never runs, a running try gets its abort signal on this process. Channels are given without the app "
         "prefix. Exit status: 0 on success, 1 with a one-line error otherwise."
     )
@@ -56,7 +57,11 @@ class Command(BaseCommand):
         queue = app.event_queue
         channels = [queue.subscription(only).channel] if only else queue.channels()
         paused = set(queue.paused_channels(fresh=True))
-        rows = [{"channel": channel, "paused": channel in paused, "depth": depth(channel)} for channel in channels]
+        parked = queue.parking.counts() if queue.backend.park_after is not None else {}
+        rows = [
+            {"channel": name, "paused": name in paused, "depth": depth(name), "delayed": parked.get(name, 0)}
+            for name in channels
+        ]
         if as_json:
             self.stdout.write(json.dumps(rows))
             return
@@ -64,10 +69,11 @@ class Command(BaseCommand):
             self.stdout.write(f"no event-queue channel is subscribed in {app.name!r}")
             return
         width = max(len("CHANNEL"), *(len(channel) for channel in channels))
-        self.stdout.write(f"{'CHANNEL':<{width}}  {'STATE':<7}  DEPTH")
+        self.stdout.write(f"{'CHANNEL':<{width}}  {'STATE':<7}  {'DEPTH':>7}  {'DELAYED':>7}")
         for row in rows:
             shown = "?" if row["depth"] is None else row["depth"]
-            self.stdout.write(f"{row['channel']:<{width}}  {'paused' if row['paused'] else 'running':<7}  {shown}")
+            state = "paused" if row["paused"] else "running"
+            self.stdout.write(f"{row['channel']:<{width}}  {state:<7}  {shown:>7}  {row['delayed']:>7}")
 
 
 def depth(channel: str) -> int | None:

@@ -12,8 +12,11 @@ subscribed channel. Messages stay ordinary Celery messages (JSON, one positional
   whose ``idle()`` says False, publishes the message again after ``defer_delay`` seconds and acks this copy,
   without counting a retry.
 - rate limits: holding a concurrency slot, the pool process waits in place for a booked slot up to ``rate_hold``
-  seconds (``min(1, grace / 2)``, so the wait never eats the time limits' grace), or publishes the message again
-  for when its slot is near, at most the longest delay the Redis visibility timeout covers (:mod:`..rates.gate`).
+  seconds (``min(1, grace / 2)``, so the wait never eats the time limits' grace), or puts the message aside until
+  its slot is near, at most ``longest_defer`` seconds at a time (:mod:`..rates.gate`).
+- delays (``publish(delay=)``, retries' backoff, put-asides over a rate limit): one longer than ``park_after``
+  (2 s) waits in the database and is sent with a countdown of at most 1 s, by a thread of every worker's main
+  process (:mod:`..parking`); a shorter one is a Celery countdown.
 - routing: a worker consumes the channels its ``--channels`` option (or ``NOCLUSTER_WORKER_CHANNELS``) names, or
   every subscribed one (:mod:`.celery_worker`).
 - a pool process killed mid-task (SIGKILL, OOM, ``os._exit``): Celery runs the message again
@@ -57,6 +60,7 @@ from nocluster.queue.backends.gone_workers import (
 )
 from nocluster.queue.control import PAUSE_REFRESH
 from nocluster.queue.message import Message, Subscription
+from nocluster.queue.parking import LEAD
 from nocluster.queue.slots import node_slot
 
 if TYPE_CHECKING:
@@ -65,6 +69,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.queue.celery")
 
 TASK_NAME = celery_worker.TASK_NAME
+# Seconds: a message to be sent later than this waits in the database until LEAD seconds before it is due
+# (a worker holds a countdown message unacked, and only a few: see nocluster.queue.parking).
+PARK_AFTER = 2 * LEAD
 
 
 def redelivery_model() -> type[Redelivery]:
@@ -90,6 +97,8 @@ class CeleryQueueBackend(QueueBackend):
     gone_workers: GoneWorkers | None = None
     # Seconds between a worker's reads of the paused channels (it stops consuming a paused channel's queue).
     pause_refresh: float = PAUSE_REFRESH
+    # A message to be sent later than this (seconds) waits in the database, not in a worker (queue.parking).
+    park_after: float | None = PARK_AFTER
     # In a worker's processes (set by consume() before the pool forks): this process takes messages.
     worker = False
 
@@ -361,7 +370,7 @@ class CeleryQueueBackend(QueueBackend):
         if not delay:
             return False
         try:
-            self.publish(full_channel, message, delay=delay)
+            self.manager.send_later(full_channel, message, delay)  # parked in the database if far off
         except Exception as exc:
             raise Reject(exc, requeue=True) from exc  # the broker keeps this copy instead
         return True

@@ -25,6 +25,7 @@ from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
 from nocluster.queue.backends.celery_pause import PausedChannelsWatcher
 from nocluster.queue.backends.gone_workers import GoneWorkers
 from nocluster.queue.message import Message
+from nocluster.queue.parking import ParkingRelease
 
 if TYPE_CHECKING:
     from kombu import Queue
@@ -118,6 +119,9 @@ def install(backend: WorkerBackend, celery_app: Celery) -> None:
     signals.task_failure.connect(_settle_lost(backend, celery_app), weak=False, dispatch_uid=f"{uid}.lost")
     signals.worker_ready.connect(_watch_gone(backend, celery_app, True), weak=False, dispatch_uid=f"{uid}.ready")
     signals.worker_shutdown.connect(_watch_gone(backend, celery_app, False), weak=False, dispatch_uid=f"{uid}.down")
+    release, unrelease = _release_parked(backend, celery_app)
+    signals.worker_ready.connect(release, weak=False, dispatch_uid=f"{uid}.release")
+    signals.worker_shutdown.connect(unrelease, weak=False, dispatch_uid=f"{uid}.unrelease")
     watch_paused, unwatch_paused = _watch_paused(backend, celery_app, selected)
     signals.worker_ready.connect(watch_paused, weak=False, dispatch_uid=f"{uid}.paused")
     signals.worker_shutdown.connect(unwatch_paused, weak=False, dispatch_uid=f"{uid}.unpaused")
@@ -160,6 +164,26 @@ def _watch_gone(backend: WorkerBackend, celery_app: Celery, start: bool) -> Any:
         gone.start() if start else gone.stop()
 
     return start_or_stop
+
+
+def _release_parked(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]:
+    threads: list[ParkingRelease] = []
+
+    def start(sender: Any = None, **kwargs: Any) -> None:
+        """Worker main process, once ready: send parked messages to the broker as they come due."""
+        if getattr(sender, "app", None) is not celery_app:
+            return
+        thread = ParkingRelease(backend.manager.release_parked)
+        thread.start()
+        threads.append(thread)
+
+    def stop(sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "app", None) is not celery_app:
+            return
+        while threads:
+            threads.pop().stop()
+
+    return start, stop
 
 
 def paused_queue_names(backend: WorkerBackend) -> set[str]:
