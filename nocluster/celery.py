@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
 
 from nocluster import app as node
+from nocluster.db import forget_inherited_connections
 from nocluster.queue.backends.celery import CeleryQueueBackend
 
 
@@ -38,6 +39,7 @@ app = _celery_app()
 @signals.worker_process_init.connect
 def start_node(**kwargs: Any) -> None:
     """Each pool process is a node: start its consumers (pub/sub, so cancels reach it) after fork."""
+    forget_inherited_connections()  # before anything here touches the database
     node.start(role="worker")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from django.db import connections
 
 
@@ -25,3 +28,25 @@ def relaxed_commit(alias: str) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
+def forget_inherited_connections() -> None:
+    """In a forked child, first thing: drop the database connections of the thread that forked, without a word
+    on their sockets (a close would end the parent's session, a query would interleave with the parent's on the
+    same socket and hang one of them). Celery's Django fixup does the same on ``worker_process_init``, but may run
+    after a handler that already uses the database."""
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None:
+            with contextlib.suppress(Exception):
+                os.close(connection.connection.fileno())
+        with contextlib.suppress(Exception):
+            connection.close()
+        connection.connection = None
+
+
+def close_this_thread_connections() -> None:
+    """Close this thread's connections (the worker's main thread, before its pool forks: a child must not
+    inherit an open one)."""
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close()

@@ -270,7 +270,9 @@ def started_on(cluster: Cluster, message_id: str, count: int = 1, timeout: float
     )
 
 
-def test_a_killed_worker_s_message_runs_again_within_30_s_on_redis_with_the_defaults(defaults_cluster: Cluster) -> None:
+def test_a_killed_worker_s_message_runs_again_within_30_s_on_redis_with_the_defaults(
+    defaults_cluster: Cluster, transactional_db: None
+) -> None:
     cluster = defaults_cluster
     # Given a 10 s message running on a worker, with every default (the visibility timeout is 1,001 s)
     message_id = cluster.app.event_queue.publish("long", {"sleep": 10}, timeout=60)
@@ -296,7 +298,7 @@ def test_a_killed_worker_s_message_runs_again_within_30_s_on_redis_with_the_defa
 
 @pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
 def test_a_worker_paused_for_less_than_gone_after_runs_its_message_once(
-    request: pytest.FixtureRequest, broker_kind: str
+    request: pytest.FixtureRequest, broker_kind: str, transactional_db: None
 ) -> None:
     # On Redis a worker counts as gone after 3 s without a beat (heartbeat 0.5 s); RabbitMQ has its own consumer
     # liveness (AMQP heartbeats, 120 s)
@@ -319,7 +321,9 @@ def test_a_worker_paused_for_less_than_gone_after_runs_its_message_once(
     assert done[0]["node"] == victim.pid
 
 
-def test_a_worker_paused_for_longer_than_gone_after_has_its_message_run_by_another(quick_cluster: Cluster) -> None:
+def test_a_worker_paused_for_longer_than_gone_after_has_its_message_run_by_another(
+    quick_cluster: Cluster, transactional_db: None
+) -> None:
     cluster = quick_cluster
     # Given a 3 s message running on a worker that counts as gone after 3 s without a beat (heartbeat 0.5 s)
     message_id = cluster.app.event_queue.publish("long", {"sleep": 3}, timeout=6)

@@ -76,7 +76,13 @@ class Worker:
         try:
             wait_until(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; its log ends:\n{self.log_text()[-3000:]}") from None
+            # Celery logs every thread's stack on SIGUSR1: where the worker is stuck.
+            before = len(self.log_text())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: len(self.log_text()) > before, timeout=3, interval=0.2)
+            raise AssertionError(f"{exc}; its log ends:\n{self.log_text()[-8000:]}") from None
         return self
 
     def kill(self) -> None:

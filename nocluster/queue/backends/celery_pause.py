@@ -50,7 +50,8 @@ class PausedChannelsWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.check()
+        # Not checked here, in the worker's main thread: a connection it opened would be inherited by the pool
+        # processes forked later (a paused channel's queue is left out from the start: celery_worker._consume).
         self._thread = threading.Thread(target=self._loop, name="nocluster-paused-channels", daemon=True)
         self._thread.start()
 
@@ -60,6 +61,7 @@ class PausedChannelsWatcher:
             self._thread.join(self.interval + 5)
 
     def _loop(self) -> None:
+        self.check()
         while not self._stop.wait(self.interval):
             self.check()
 

@@ -20,6 +20,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker.consumer import Consumer
 
+from nocluster.db import close_this_thread_connections
 from nocluster.errors import MalformedMessage, NoclusterError
 from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
 from nocluster.queue.backends.celery_pause import PausedChannelsWatcher
@@ -143,6 +144,7 @@ def _consume(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> 
         selected.update(queue.name for queue in queues)
         # A paused channel's queue is not consumed from the start (the pause watcher adds it on resume).
         paused = paused_queue_names(backend)
+        close_this_thread_connections()  # the pool forks from this thread: no child may share its connection
         queues = [queue for queue in queues if queue.name not in paused]
         for queue in queues:
             celery_app.amqp.queues.select_add(queue)
@@ -247,6 +249,9 @@ def _settle_lost(backend: WorkerBackend, celery_app: Celery) -> Any:
         lost = isinstance(exception, WorkerLostError)
         reason = "its process was lost" if lost else "stopped after the grace period"
         node = f"{os.getpid()}@{socket.gethostname()}"
-        backend.manager.fail_or_retry(message, f"{type(exception).__name__}: {exception} ({reason})", node)
+        try:
+            backend.manager.fail_or_retry(message, f"{type(exception).__name__}: {exception} ({reason})", node)
+        finally:
+            close_this_thread_connections()  # a pool process forked later must not inherit it
 
     return on_task_failure
