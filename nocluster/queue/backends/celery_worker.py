@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import click
@@ -168,14 +169,21 @@ def _watch_gone(backend: WorkerBackend, celery_app: Celery, start: bool) -> Any:
     return start_or_stop
 
 
-def _release_parked(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]:
-    threads: list[ParkingRelease] = []
+class _Thread(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _main_process_thread(celery_app: Celery, make: Callable[[Any], _Thread]) -> tuple[Any, Any]:
+    """Handlers of ``worker_ready`` and ``worker_shutdown``: start ``make(consumer)`` in the worker's main process
+    once it is ready, stop it when the worker stops."""
+    threads: list[_Thread] = []
 
     def start(sender: Any = None, **kwargs: Any) -> None:
-        """Worker main process, once ready: send parked messages to the broker as they come due."""
         if getattr(sender, "app", None) is not celery_app:
             return
-        thread = ParkingRelease(backend.manager.release_parked)
+        thread = make(sender)
         thread.start()
         threads.append(thread)
 
@@ -186,6 +194,11 @@ def _release_parked(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, An
             threads.pop().stop()
 
     return start, stop
+
+
+def _release_parked(backend: WorkerBackend, celery_app: Celery) -> tuple[Any, Any]:
+    """Send parked messages to the broker as they come due (:mod:`nocluster.queue.parking`)."""
+    return _main_process_thread(celery_app, lambda consumer: ParkingRelease(backend.manager.release_parked))
 
 
 def paused_queue_names(backend: WorkerBackend) -> set[str]:
@@ -200,34 +213,21 @@ def paused_queue_names(backend: WorkerBackend) -> set[str]:
 
 
 def _watch_paused(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> tuple[Any, Any]:
-    watchers: list[PausedChannelsWatcher] = []
+    """Stop consuming paused channels, and consume them again once resumed (:mod:`.celery_pause`)."""
 
     def paused_queues() -> set[str]:
         return {backend.manager.full_channel(channel) for channel in backend.manager.paused_channels(fresh=True)}
 
-    def start(sender: Any = None, **kwargs: Any) -> None:
-        """Worker main process, once it consumes: stop consuming paused channels (and resume them later)."""
-        if getattr(sender, "app", None) is not celery_app:
-            return
-        consumed = set(selected)
-
+    def watcher(consumer: Any) -> PausedChannelsWatcher:
         def consuming(queue: str) -> bool | None:
-            task_consumer = sender.task_consumer  # a new one after each reconnect; None while reconnecting
+            task_consumer = consumer.task_consumer  # a new one after each reconnect; None while reconnecting
             return None if task_consumer is None else bool(task_consumer.consuming_from(queue))
 
-        watcher = PausedChannelsWatcher(
-            celery_app, sender.hostname, consumed, paused_queues, consuming, backend.pause_refresh
+        return PausedChannelsWatcher(
+            celery_app, consumer.hostname, set(selected), paused_queues, consuming, backend.pause_refresh
         )
-        watcher.start()
-        watchers.append(watcher)
 
-    def stop(sender: Any = None, **kwargs: Any) -> None:
-        if getattr(sender, "app", None) is not celery_app:
-            return
-        while watchers:
-            watchers.pop().stop()
-
-    return start, stop
+    return _main_process_thread(celery_app, watcher)
 
 
 def _settle_lost(backend: WorkerBackend, celery_app: Celery) -> Any:
