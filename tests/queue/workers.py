@@ -82,7 +82,9 @@ class Worker:
                 os.kill(self.proc.pid, signal.SIGUSR1)
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: len(self.log_text()) > before, timeout=3, interval=0.2)
-            raise AssertionError(f"{exc}; its log ends:\n{self.log_text()[-8000:]}") from None
+            log = self.log_text()[-8000:]
+            self.kill()  # a worker that never became ready is left to no one: nothing stays behind
+            raise AssertionError(f"{exc}; its log ends:\n{log}") from None
         return self
 
     def kill(self) -> None:
