@@ -147,7 +147,9 @@ class Application:
         """Messages published inside a transaction, relayed after its commit (the node's relay thread)."""
         outbox = Outbox(self._identity(), OutboxSettings.from_config(self.config))
         # The relay needs its senders even in a process that never touched the queue or the sync messages.
-        outbox.register("queue", lambda row: self.event_queue.relay(row))
+        outbox.register(
+            "queue", lambda row: self.event_queue.relay(row), send_many=lambda rows: self.event_queue.relay_many(rows)
+        )
         outbox.register("sync", lambda row: self.sync_message_manager.relay(row))
         return outbox
 

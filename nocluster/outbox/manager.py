@@ -5,10 +5,12 @@ Ours (Django's ``transaction.on_commit`` alone loses the message when the broker
 failing callback skips every later one): ``add()`` inserts an :class:`~nocluster.models.OutboxMessage` row on the
 caller's database alias, so the row and the caller's data commit or roll back together. Then:
 
-- right after the commit, a robust ``on_commit`` callback sends the transaction's rows from memory, in order, in
-  the committing thread (no query): a fresh row is its committing thread's to send, no relay takes it; the rows
-  sent are deleted in batches by the node's relay thread (``nocluster-outbox``) within ``INTERVAL`` seconds, one
-  statement per batch;
+- right after the commit, a robust ``on_commit`` callback hands the transaction's rows, from memory, to the node's
+  relay thread (``nocluster-outbox``), which sends what every commit handed it, in commit order, consecutive rows of
+  one queue channel in one batch (one Redis pipeline, one wait for RabbitMQ's confirms): the committing thread
+  never waits for the broker, and a fresh row is this process's to send, no other relay takes it. In a process
+  whose relay thread is not running (a script that did not start the node) the committing thread sends them
+  itself. The rows sent are deleted in batches within ``INTERVAL`` seconds, one statement per batch;
 - a row that could not be sent waits with backoff (``attempts``, ``next_attempt``, ``last_error``), with the later
   rows of its channel; any node's relay thread sends them, in order, once due and the broker answers again;
 - rows another node left behind (it died between its commit and its sends, or could not send) are taken over by
@@ -23,9 +25,12 @@ write lock (``transaction_mode: IMMEDIATE`` in the settings) serialises processe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -36,7 +41,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Count, Field, Min, Q, QuerySet
 from django.utils import timezone
 
-from nocluster.db import close_old_connections, relaxed_commit
+from nocluster.db import close_old_connections, execute_lean, relaxed_commit
 from nocluster.durations import count, seconds
 from nocluster.envelope import JSON
 from nocluster.identity import NodeIdentity
@@ -48,6 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nocluster.outbox")
 
 Sender = Callable[["OutboxMessage"], None]
+# Sends consecutive rows of one kind and channel at once; raises if any of them may not have been taken.
+BatchSender = Callable[[Sequence["OutboxMessage"]], None]
 
 
 def outbox_model() -> type[OutboxMessage]:
@@ -112,14 +119,17 @@ INSERTED_FIELDS = ("app_name", "kind", "channel", "message_id", "origin", "body"
 
 def insert_row(alias: str, row: OutboxMessage) -> None:
     """``INSERT`` ``row`` on ``alias`` and set its id: one statement built once per model and database, as the
-    ORM's ``create()`` would send it, without the ORM's per-call compilation (about half of the outbox's cost per
-    message). Values go through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM
-    adapts them."""
+    ORM's ``create()`` would send it, without the ORM's per-call compilation, run with
+    :func:`~nocluster.db.execute_lean` (together, more than half of the outbox's cost per message). Values go
+    through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM adapts them."""
     connection = connections[alias]
     values = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in inserted_fields()]
+    if connection.features.can_return_columns_from_insert:
+        row.pk = execute_lean(alias, insert_sql(alias), values)[1][0]
+        return
     with connection.cursor() as cursor:
         cursor.execute(insert_sql(alias), values)
-        row.pk = cursor.fetchone()[0] if connection.features.can_return_columns_from_insert else cursor.lastrowid
+        row.pk = cursor.lastrowid
 
 
 @lru_cache(maxsize=1)
@@ -154,6 +164,7 @@ class Outbox(Component):
         self.identity = identity
         self.settings = settings
         self._senders: dict[str, Sender] = {}
+        self._batch_senders: dict[str, BatchSender] = {}
         self._databases: set[str] = set(settings.databases)
         self._reset()
 
@@ -167,10 +178,19 @@ class Outbox(Component):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Committed transactions' rows for the relay thread, in commit order; ``_unsent`` counts those handed off
+        # and not yet sent (or put off), under ``_handoff_done``.
+        self._handoff: deque[_CommittedRows] = deque()
+        self._handoff_done = threading.Condition()
+        self._unsent = 0
 
-    def register(self, kind: str, send: Sender) -> None:
-        """Relay rows of ``kind`` with ``send(row)``, which returns once the broker accepted the message."""
+    def register(self, kind: str, send: Sender, send_many: BatchSender | None = None) -> None:
+        """Relay rows of ``kind`` with ``send(row)``, which returns once the broker accepted the message; with
+        ``send_many(rows)`` too, consecutive rows of one channel go in one call (which raises if any of them may
+        not have been taken: then all of them are sent again later, and the receiving side drops second copies)."""
         self._senders[kind] = send
+        if send_many is not None:
+            self._batch_senders[kind] = send_many
 
     # --- inside the caller's transaction ------------------------------------------------------------------
     def add(self, using: str | None, kind: str, channel: str, message_id: str, body: JSON) -> None:
@@ -207,10 +227,24 @@ class Outbox(Component):
 
     # --- relaying -------------------------------------------------------------------------------------------
     def send_committed(self, alias: str, rows: list[OutboxMessage], in_savepoint: bool = False) -> None:
-        """Right after a commit: send the rows it wrote, from memory, in order. While older rows may be waiting
-        (a failure, or a process that has not looked yet), or when some were written in a savepoint (which may
-        have rolled back), send what the table holds, in order, instead (:meth:`flush`)."""
-        if self._backlog or in_savepoint or connections[alias].in_atomic_block:
+        """Right after a commit: the rows it wrote go to the relay thread, or are sent here when that thread is
+        not running (see :meth:`_send_committed`)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and not self._stopping.is_set():
+            committed = _CommittedRows(self, alias)
+            committed.rows, committed.in_savepoint = rows, in_savepoint
+            with self._handoff_done:
+                self._handoff.append(committed)
+                self._unsent += len(rows)
+            self._wake.set()
+            return
+        self._send_committed(alias, rows, in_savepoint or connections[alias].in_atomic_block)
+
+    def _send_committed(self, alias: str, rows: list[OutboxMessage], in_savepoint: bool) -> None:
+        """Send a commit's rows from memory, in order. While older rows may be waiting (a failure, or a process
+        that has not looked yet), or when some were written in a savepoint (which may have rolled back), send what
+        the table holds, in order, instead (:meth:`flush`)."""
+        if self._backlog or in_savepoint:
             self.flush(alias, include=[row.pk for row in rows])
             return
         with self._flush_lock:
@@ -220,6 +254,35 @@ class Outbox(Component):
             self._sent.setdefault(alias, []).extend(sent)
         if len(self._sent[alias]) >= self.settings.batch:
             self.delete_sent(alias)
+
+    def _send_handed_off(self) -> None:
+        """In the relay thread: send what commits handed off, in commit order, a database's consecutive commits
+        together (so a channel's rows go in batches)."""
+        while True:
+            with self._handoff_done:
+                if not self._handoff:
+                    return
+                alias = self._handoff[0].alias
+                taken: list[_CommittedRows] = []
+                while self._handoff and self._handoff[0].alias == alias and len(taken) < self.settings.batch:
+                    taken.append(self._handoff.popleft())
+            rows = [row for committed in taken for row in committed.rows]
+            try:
+                self._send_committed(alias, rows, any(committed.in_savepoint for committed in taken))
+            except Exception:
+                # The rows are in the table: this relay's flush sends them, in order, once they are due.
+                self._backlog = True
+                raise
+            finally:
+                with self._handoff_done:
+                    self._unsent -= len(rows)
+                    self._handoff_done.notify_all()
+
+    def wait_handed_off(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the relay thread has sent (or put off) every row handed to it;
+        True if it has. For ``drain()`` and tests: a commit returns before its rows are sent."""
+        with self._handoff_done:
+            return self._handoff_done.wait_for(lambda: self._unsent == 0, timeout)
 
     def flush(self, using: str = DEFAULT_DB_ALIAS, include: list[int] | None = None) -> int:
         """Send the due rows of this app on ``using``, oldest first, until none is left; return how many were
@@ -263,23 +326,39 @@ class Outbox(Component):
 
     def _send_in_order(self, alias: str, rows: list[OutboxMessage], blocked: set[tuple[str, str]]) -> list[int]:
         """Send ``rows`` in order, skipping channels in ``blocked`` (a failure adds its channel); return the ids
-        of the rows sent."""
+        of the rows sent. Consecutive rows of one channel go in one call where their kind has a batch sender."""
         sent: list[int] = []
-        for index, row in enumerate(rows):
-            if (row.kind, row.channel) in blocked:
+        index = 0
+        while index < len(rows):
+            start, row = index, rows[index]
+            key = (row.kind, row.channel)
+            run = self._run_from(rows, start)
+            index += len(run)
+            if key in blocked:
                 continue
             try:
-                self._send(row)
+                self._send(run)
             except Exception as exc:
-                # This row and the later ones of its channel wait out the backoff, in order.
-                later = [r.pk for r in rows[index + 1 :] if (r.kind, r.channel) == (row.kind, row.channel)]
+                # These rows and the later ones of their channel wait out the backoff, in order.
+                later = [r.pk for r in rows[start + 1 :] if (r.kind, r.channel) == key]
                 self._postpone(alias, row, exc, later)
-                blocked.add((row.kind, row.channel))
+                blocked.add(key)
                 self._backlog = True
                 self._wake.set()
                 continue
-            sent.append(row.pk)
+            sent.extend(r.pk for r in run)
         return sent
+
+    def _run_from(self, rows: list[OutboxMessage], start: int) -> list[OutboxMessage]:
+        """``rows[start]`` and the rows right after it of the same kind and channel, if that kind is sent in
+        batches; else ``rows[start]`` alone."""
+        first = rows[start]
+        if first.kind not in self._batch_senders:
+            return [first]
+        end = start + 1
+        while end < len(rows) and (rows[end].kind, rows[end].channel) == (first.kind, first.channel):
+            end += 1
+        return rows[start:end]
 
     def delete_sent(self, alias: str = DEFAULT_DB_ALIAS) -> None:
         """Delete the rows this process sent (one statement per batch). If this fails, they are kept and tried
@@ -297,11 +376,15 @@ class Outbox(Component):
                 self._sent[alias] = sent + self._sent[alias]
             raise
 
-    def _send(self, row: OutboxMessage) -> None:
-        send = self._senders.get(row.kind)
+    def _send(self, rows: list[OutboxMessage]) -> None:
+        kind = rows[0].kind
+        if len(rows) > 1:
+            self._batch_senders[kind](rows)
+            return
+        send = self._senders.get(kind)
         if send is None:
-            raise LookupError(f"no sender for outbox rows of kind {row.kind!r} on this node")
-        send(row)
+            raise LookupError(f"no sender for outbox rows of kind {kind!r} on this node")
+        send(rows[0])
 
     def _postpone(self, alias: str, row: OutboxMessage, exc: Exception, later: list[int]) -> None:
         delay = min(self.settings.backoff_max, 0.5 * 2 ** min(row.attempts, 16))
@@ -343,16 +426,25 @@ class Outbox(Component):
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="nocluster-outbox", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)  # a process that ends without stopping its node still sends what it committed
 
     def stop(self) -> None:
+        """Stop the relay thread once it has sent what commits handed it (rows it could not send wait in the
+        table for the next relay)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        atexit.unregister(self.stop)
         self._stopping.set()
         self._wake.set()
         thread.join(30)
         if thread.is_alive():
             logger.error("outbox relay thread did not stop within 30 s")
+            return
+        try:
+            self._send_handed_off()  # a commit that handed off as the thread was finishing
+        except Exception:
+            logger.warning("outbox: rows committed at stop not sent; they wait in the table for the next relay")
 
     def close(self) -> None:
         """Delete what this process sent (a node stopping leaves no row for others to send again)."""
@@ -363,15 +455,21 @@ class Outbox(Component):
                 logger.warning("outbox: sent rows on %r not deleted at stop; other nodes send them again", alias)
 
     def after_fork(self) -> None:
-        # The parent's sent rows are the parent's to delete.
+        # The parent's sent and handed-off rows are the parent's to send and delete.
         self._reset()
 
     def _run(self) -> None:
         failing = False
-        while not self._stopping.is_set():
+        next_flush = 0.0
+        while True:
+            stopping = self._stopping.is_set()
+            self._wake.clear()  # before looking: a commit handing off after this wakes the next wait
             try:
-                for alias in sorted(self._databases):
-                    self.flush(alias)
+                self._send_handed_off()
+                if time.monotonic() >= next_flush or stopping:
+                    for alias in sorted(self._databases):
+                        self.flush(alias)
+                    next_flush = time.monotonic() + self.settings.interval
                 if failing:
                     logger.warning("outbox relay works again")
                 failing = False
@@ -382,7 +480,9 @@ class Outbox(Component):
                 else:
                     logger.warning("outbox relay still failing: %s: %s", type(exc).__name__, str(exc).splitlines()[0])
                 failing = True
+                next_flush = time.monotonic() + self.settings.interval
             finally:
                 close_old_connections()
-            self._wake.wait(self.settings.interval)
-            self._wake.clear()
+            if stopping:
+                return
+            self._wake.wait(max(next_flush - time.monotonic(), 0.0))

@@ -21,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
+
+from nocluster.db import execute_lean
 
 if TYPE_CHECKING:
     from nocluster.models import CancelledMessage, ChannelState, UniqueMessage
@@ -39,6 +41,16 @@ CANCEL_KEPT = 7 * 24 * 3600.0
 PRUNE_EVERY = 100
 # The longest unique key.
 UNIQUE_KEY_LENGTH = 200
+
+
+class GateSql(NamedTuple):
+    """More for the run gate's statement (:meth:`QueueControl.run_gate`): common table expressions before it and
+    columns after its own, with their parameters."""
+
+    ctes: str = ""
+    cte_params: tuple[Any, ...] = ()
+    columns: str = ""
+    column_params: tuple[Any, ...] = ()
 
 
 def models() -> tuple[type[ChannelState], type[CancelledMessage], type[UniqueMessage]]:
@@ -119,21 +131,25 @@ class QueueControl:
         cancelled = models()[1]
         return cancelled.objects.filter(app_name=self.app_name, message_id=message_id).exists()
 
-    def cancelled_or_paused(self, message_id: str, channel: str) -> tuple[bool, bool]:
-        """Whether ``message_id`` is cancelled and whether ``channel`` is paused, read now, in one query (the
-        run gate of every delivery). Raises on a database error."""
+    def run_gate(
+        self, message_id: str, channel: str, also: GateSql | None = None
+    ) -> tuple[bool, bool, tuple[Any, ...]]:
+        """The run gate of every delivery, read now in one statement: whether ``message_id`` is cancelled, whether
+        ``channel`` is paused, and what ``also`` selects (one round trip): ``(cancelled, paused, the columns of
+        also)``. Raises on a database error."""
         channel_state, cancelled, _ = models()
-        connection = connections[DEFAULT_DB_ALIAS]
-        quote = connection.ops.quote_name
+        quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+        also = also or GateSql()
         sql = (
-            f"SELECT (SELECT 1 FROM {quote(cancelled._meta.db_table)} WHERE {quote('app_name')} = %s "  # noqa: S608
-            f"AND {quote('message_id')} = %s), (SELECT 1 FROM {quote(channel_state._meta.db_table)} "
+            f"{also.ctes} SELECT (SELECT 1 FROM {quote(cancelled._meta.db_table)} "  # noqa: S608
+            f"WHERE {quote('app_name')} = %s AND {quote('message_id')} = %s), "
+            f"(SELECT 1 FROM {quote(channel_state._meta.db_table)} "
             f"WHERE {quote('app_name')} = %s AND {quote('channel')} = %s AND {quote('paused')})"
+            f"{', ' + also.columns if also.columns else ''}"
         )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [self.app_name, message_id, self.app_name, channel])
-            row = cursor.fetchone()
-        return (row is not None and row[0] is not None, row is not None and row[1] is not None)
+        params = [*also.cte_params, self.app_name, message_id, self.app_name, channel, *also.column_params]
+        row = execute_lean(DEFAULT_DB_ALIAS, sql, params)[1]
+        return row[0] is not None, row[1] is not None, tuple(row[2:])
 
     # --- unique keys -----------------------------------------------------------------------------------------
     def claim_unique(self, key: str, message_id: str, ttl: float) -> str | None:

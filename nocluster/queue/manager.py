@@ -282,6 +282,11 @@ class EventQueue(Component):
                 message.relayed = True
                 self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
             return [message.id for message in messages]
+        self._send_many(channel, messages)
+        return [message.id for message in messages]
+
+    def _send_many(self, channel: str, messages: list[Message]) -> None:
+        """Queue ``messages`` of ``channel`` now, ``BATCH_SIZE`` per call to the backend; raises ``PublishError``."""
         full_channel = self.full_channel(channel)
         for start in range(0, len(messages), BATCH_SIZE):
             batch = messages[start : start + BATCH_SIZE]
@@ -294,7 +299,6 @@ class EventQueue(Component):
                     f"queue channel {channel!r}: messages {start} to {start + len(batch) - 1} of the batch may not "
                     f"be queued (those before were): {type(exc).__name__}: {exc}"
                 ) from exc
-        return [message.id for message in messages]
 
     @staticmethod
     def _checked_payload(channel: str, index: int, payload: Any) -> Any:
@@ -307,6 +311,17 @@ class EventQueue(Component):
         """The outbox's sender of ``"queue"`` rows: queue the message the row holds (a new send id per send)."""
         message = dataclasses.replace(Message.from_wire(row.body), send_id=uuid.uuid4().hex)
         self._send(self.full_channel(message.channel), message)
+
+    def relay_many(self, rows: Sequence[OutboxMessage]) -> None:
+        """The outbox's batch sender: consecutive ``"queue"`` rows of one channel, in one batch when every one of
+        them is due now (else one by one, so a delayed one is parked or sent with its countdown)."""
+        messages = [dataclasses.replace(Message.from_wire(row.body), send_id=uuid.uuid4().hex) for row in rows]
+        now = time.time()
+        if any(message.not_before > now for message in messages):
+            for message in messages:
+                self._send(self.full_channel(message.channel), message)
+            return
+        self._send_many(messages[0].channel, messages)
 
     def _checked_limits(self, channel: str, timeout: object, max_retries: object) -> tuple[float, int]:
         seconds_ = seconds(timeout, f"channel {channel!r}: timeout")
@@ -375,10 +390,12 @@ class EventQueue(Component):
         a second copy of a relayed message that already ran is not run (``"duplicate"``).
         Raises :class:`~nocluster.errors.PublishError` if a deferred message could not be queued again.
         """
-        held_back = self._held_back(message)
+        held_back, second_copy = self._held_back(message)
         if held_back is not None:
             return held_back
-        if self.ledger.is_second_copy(message):
+        if second_copy is None:
+            second_copy = self.ledger.is_second_copy(message)
+        if second_copy:
             logger.warning(
                 "%s %s: a second copy of a relayed message that already ran; dropped",
                 self.full_channel(message.channel), message.id,
@@ -395,13 +412,19 @@ class EventQueue(Component):
                 if self._running.get(message.id) is signal:
                     del self._running[message.id]
 
-    def _held_back(self, message: Message) -> Outcome | None:
+    def _held_back(self, message: Message) -> tuple[Outcome | None, bool | None]:
+        """The run gate: ``(outcome, second copy)``, the outcome None if ``message`` may run. Whether it is a
+        second copy is read in the same query where the database can (else None: not read yet)."""
         full_channel = self.full_channel(message.channel)
         if message.not_before > time.time():
             self._send(full_channel, message)  # the rest of its delay
-            return Outcome("deferred")
+            return Outcome("deferred"), None
+        second_copy: bool | None = None
         try:
-            cancelled, paused = self.control.cancelled_or_paused(message.id, message.channel)
+            claim = self.ledger.claim_sql(message)
+            cancelled, paused, columns = self.control.run_gate(message.id, message.channel, claim)
+            if claim is not None:
+                second_copy = self.ledger.judge(message, bool(columns[0]), columns[1])
         except Exception as exc:
             # The database is down: work that does not need it goes on. The pause last read applies; a cancel
             # cannot be read and is not honoured (at least once wins over a cancel made during the outage).
@@ -412,11 +435,11 @@ class EventQueue(Component):
         if cancelled:
             logger.info("%s %s: cancelled before it ran; dropped", full_channel, message.id,
                         extra={"channel": message.channel, "message_id": message.id})  # fmt: skip
-            return Outcome("cancelled", "cancelled before it ran")
+            return Outcome("cancelled", "cancelled before it ran"), second_copy
         if paused:
             self._send(full_channel, message, delay=PAUSE_RECHECK)
-            return Outcome("deferred")
-        return None
+            return Outcome("deferred"), second_copy
+        return None, second_copy
 
     def settle(self, message: Message, outcome: Outcome, node: str) -> None:
         """After a try: nothing to do, a retry with backoff, or a failed record (never a silent drop).
@@ -543,9 +566,12 @@ class EventQueue(Component):
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until nothing of this app is queued, delayed, held or running (``timeout`` seconds); True if so.
 
-        For tests and tools (see :meth:`QueueBackend.drain`); parked messages count as delayed.
+        For tests and tools (see :meth:`QueueBackend.drain`); parked messages count as delayed, and messages this
+        process committed count until its outbox relay sent them.
         """
         deadline = time.monotonic() + timeout
+        if not self.outbox.wait_handed_off(timeout):
+            return False
         if self.backend.park_after is not None:
             while self.parking.count():
                 if time.monotonic() >= deadline:

@@ -158,3 +158,74 @@ def test_publishing_to_a_stopped_queue_is_refused(nodes: tuple[Application, Appl
     node.event_queue.stop()
     with pytest.raises(QueueStopped, match="'jobs'"):
         node.event_queue.publish("jobs", 1)
+
+
+def test_a_commit_does_not_wait_for_the_broker_and_the_relay_sends_in_commit_order_in_batches(
+    nodes: tuple[Application, Application],
+) -> None:
+    import threading
+
+    node, _ = nodes
+    ran: list[Any] = []
+    start(node, ran)
+    node.outbox.start()
+    backend = node.event_queue.backend
+    release, batches = threading.Event(), []
+    publish, publish_many = backend.publish, backend.publish_many
+
+    def slow_publish(*args: Any, **kwargs: Any) -> None:
+        assert release.wait(10), "never released"
+        publish(*args, **kwargs)
+
+    def counted_publish_many(channel: str, messages: list[Message]) -> None:
+        batches.append([message.payload for message in messages])
+        publish_many(channel, messages)
+
+    backend.publish = slow_publish  # type: ignore[method-assign]
+    backend.publish_many = counted_publish_many  # type: ignore[method-assign]
+    try:
+        # Given a broker that does not answer, three commits each return while the first send still waits
+        for n in range(3):
+            with transaction.atomic():
+                node.event_queue.publish("jobs", n)
+        assert not release.is_set() and ran == [] and not node.outbox.wait_handed_off(0.05)
+        # When it answers, the relay sends them in commit order, the two that waited in one batch
+        release.set()
+        assert node.outbox.wait_handed_off(10)
+        assert node.event_queue.drain(10)
+        assert ran == [0, 1, 2]
+        assert batches == [[1, 2]]
+        wait_until(lambda: not OutboxMessage.objects.exists(), timeout=10)
+    finally:
+        release.set()
+        del backend.publish, backend.publish_many
+
+
+def test_the_run_gate_records_a_relayed_message_in_its_own_statement(
+    nodes: tuple[Application, Application],
+) -> None:
+    from django.db import connection
+
+    node, _ = nodes
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement gate is PostgreSQL's")
+    queue = node.event_queue
+    first = Message("jobs", "x", relayed=True, send_id="s1")
+
+    def gate(message: Message) -> bool:
+        claim = queue.ledger.claim_sql(message)
+        assert claim is not None
+        _, _, columns = queue.control.run_gate(message.id, "jobs", claim)
+        return queue.ledger.judge(message, bool(columns[0]), columns[1])
+
+    # The first copy is recorded; the same copy again runs again; a copy from another send is a second copy
+    assert gate(first) is False
+    assert RelayedRun.objects.get(message_id=first.id).send_id == "s1"
+    assert gate(first) is False
+    assert gate(Message("jobs", "x", id=first.id, relayed=True, send_id="s2")) is True
+    # A first send id the statement's snapshot missed is read again
+    assert queue.ledger.judge(Message("jobs", "x", id=first.id, relayed=True, send_id="s2"), False, None) is True
+    # Its relaxed commit is the statement's own: the session still waits for the disk
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
