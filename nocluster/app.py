@@ -148,9 +148,13 @@ class Application:
         outbox = Outbox(self._identity(), OutboxSettings.from_config(self.config))
         # The relay needs its senders even in a process that never touched the queue or the sync messages.
         outbox.register(
-            "queue", lambda row: self.event_queue.relay(row), send_many=lambda rows: self.event_queue.relay_many(rows)
-        )
-        outbox.register("sync", lambda row: self.sync_message_manager.relay(row))
+            "queue", lambda row: self.event_queue.relay(row), send_many=lambda rows: self.event_queue.relay_many(rows),
+            waits=lambda: self.event_queue.backend.publish_waits,
+        )  # fmt: skip
+        outbox.register(
+            "sync", lambda row: self.sync_message_manager.relay(row),
+            waits=lambda: self.pub_sub_manager.backend.publish_waits,
+        )  # fmt: skip
         return outbox
 
     @cached_property

@@ -34,6 +34,9 @@ class PubSubBackend(ABC):
 
     listener: PubSubListener | None = None
     namespace: str = ""
+    # ``publish`` returns only once the broker confirmed the message: the outbox then relays sync messages from
+    # its thread, not from the committing one.
+    publish_waits: bool = False
 
     def attach(self, listener: PubSubListener, namespace: str) -> None:
         """Give the backend its listener and the app name (queue names are derived from it)."""

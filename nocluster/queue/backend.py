@@ -100,6 +100,8 @@ class QueueBackend(ABC):
         (:mod:`nocluster.queue.parking`); None: the backend keeps delayed messages itself.
       rate_hold: how long a node waits in place for a booked slot of a channel's rate limit.
       longest_defer: the longest a message over its rate limit is put aside for before it asks again.
+      publish_waits: ``publish`` returns only once the broker confirmed the message (a round trip, and a disk
+        write for a durable one): the outbox then sends from its relay thread, not the committing one.
     """
 
     max_timeout: float | None = None
@@ -113,6 +115,7 @@ class QueueBackend(ABC):
     park_after: float | None = None
     rate_hold: float = 1.0
     longest_defer: float = 60.0
+    publish_waits: bool = False
 
     manager: QueueListener
 

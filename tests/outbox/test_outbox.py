@@ -3,6 +3,7 @@ their target refuses them, and leave once it took them."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,16 +161,15 @@ def test_publishing_to_a_stopped_queue_is_refused(nodes: tuple[Application, Appl
         node.event_queue.publish("jobs", 1)
 
 
-def test_a_commit_does_not_wait_for_the_broker_and_the_relay_sends_in_commit_order_in_batches(
+def test_a_commit_does_not_wait_for_a_confirm_and_the_relay_sends_in_commit_order_in_batches(
     nodes: tuple[Application, Application],
 ) -> None:
-    import threading
-
     node, _ = nodes
     ran: list[Any] = []
     start(node, ran)
     node.outbox.start()
     backend = node.event_queue.backend
+    backend.publish_waits = True  # as on RabbitMQ: each publish waits for the broker's confirm
     release, batches = threading.Event(), []
     publish, publish_many = backend.publish, backend.publish_many
 
@@ -198,7 +198,33 @@ def test_a_commit_does_not_wait_for_the_broker_and_the_relay_sends_in_commit_ord
         wait_until(lambda: not OutboxMessage.objects.exists(), timeout=10)
     finally:
         release.set()
-        del backend.publish, backend.publish_many
+        del backend.publish, backend.publish_many, backend.publish_waits
+
+
+def test_a_quick_send_is_made_by_the_committing_thread(nodes: tuple[Application, Application]) -> None:
+    node, _ = nodes
+    ran: list[Any] = []
+    start(node, ran)
+    node.outbox.start()
+    backend, senders = node.event_queue.backend, []
+    publish = backend.publish
+
+    def recorded_publish(*args: Any, **kwargs: Any) -> None:
+        senders.append(threading.current_thread())
+        publish(*args, **kwargs)
+
+    backend.publish = recorded_publish  # type: ignore[method-assign]
+    try:
+        # Given a backend whose publish does not wait for a confirm (Redis) and no row waiting before
+        assert node.outbox.wait_handed_off(10)
+        wait_until(lambda: not node.outbox._backlog, timeout=10)  # the relay has looked at the table once
+        with transaction.atomic():
+            node.event_queue.publish("jobs", "quick")
+        # Then the commit sent it itself, before returning
+        assert senders == [threading.current_thread()]
+        assert node.event_queue.drain(10) and ran == ["quick"]
+    finally:
+        del backend.publish
 
 
 def test_the_run_gate_records_a_relayed_message_in_its_own_statement(

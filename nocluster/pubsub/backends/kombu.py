@@ -99,6 +99,7 @@ class KombuPubSubBackend(PubSubBackend):
             raise TypeError(f"pub/sub OPTIONS durable must be a bool, got {durable!r}")
         self.transport_options = dict(transport_options or {})
         self.topology_class = topology_for(url)
+        self.publish_waits = self.topology_class.confirms
         # Durable and persistent where the broker can keep them (RabbitMQ); transient on Redis, as always.
         self.durable = durable and self.topology_class.persistent
         self.channels: set[str] = set()

@@ -84,6 +84,7 @@ class AmqpPubSubTopology(KombuPubSubTopology):
 
     driver_types = ("amqp",)
     persistent = True
+    confirms = True
     no_ack = False
     prefetch_count = PREFETCH
 

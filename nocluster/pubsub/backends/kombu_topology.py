@@ -78,6 +78,8 @@ class KombuPubSubTopology(ABC):
     driver_types: ClassVar[tuple[str, ...]]
     #: The broker can keep exchanges, queues and messages across its own restart (the ``durable`` option applies).
     persistent: ClassVar[bool] = False
+    # Its publisher waits for the broker's confirm of each message.
+    confirms: ClassVar[bool] = False
     #: Consumer options: acknowledge messages (False) or not, and how many the broker may push ahead.
     no_ack: ClassVar[bool]
     prefetch_count: ClassVar[int | None] = None

@@ -120,6 +120,7 @@ class CeleryQueueBackend(QueueBackend):
         if not isinstance(broker_url, str) or not broker_url:
             raise ValueError('CeleryQueueBackend needs a broker_url (NOCLUSTER["EVENT_QUEUE"]["OPTIONS"])')
         self.broker_url = broker_url
+        self.publish_waits = not is_redis(broker_url)  # RabbitMQ: a publisher confirm per message
         self.limits = QueueLimits.checked(
             max_timeout=max_timeout, grace=grace, retry_backoff=retry_backoff,
             retry_backoff_max=retry_backoff_max, defer_delay=defer_delay,
