@@ -54,6 +54,17 @@ def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:
         assert connection.connection.confirm_publish is True  # the py-amqp connection waits for broker acks
 
 
+def test_the_outbox_relays_from_its_thread_where_a_publish_waits_for_a_confirm(redis_url: str, amqp_url: str) -> None:
+    from nocluster.pubsub.backends.kombu import KombuPubSubBackend
+    from nocluster.queue.backends.celery import CeleryQueueBackend
+
+    # RabbitMQ confirms each publish (the outbox hands those sends to its thread); Redis answers at once
+    assert CeleryQueueBackend(broker_url=amqp_url).publish_waits is True
+    assert CeleryQueueBackend(broker_url=redis_url).publish_waits is False
+    assert KombuPubSubBackend(url=amqp_url).publish_waits is True
+    assert KombuPubSubBackend(url=redis_url).publish_waits is False
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
