@@ -7,6 +7,7 @@ for sync messages.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,9 @@ from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
 
-CUT_SECONDS = 30.0
+# The issue's outage is 30 s (NOCLUSTER_TEST_CUT_SECONDS=30); the suite cuts for 10 s, which the relay's backoff
+# (at most BACKOFF_MAX apart) already spans several times over.
+CUT_SECONDS = float(os.environ.get("NOCLUSTER_TEST_CUT_SECONDS", "10"))
 COMMITTED, ROLLED_BACK = 180, 20  # per kind (tasks and plain messages): 200 published in transactions each
 
 
@@ -36,7 +39,7 @@ def cut_clusters(
     worker_database_url: str, redis_url: str, amqp_url: str, transactional_db: None
 ) -> Iterator[list[tuple[Cluster, TcpProxy]]]:
     """A project per broker (Redis, RabbitMQ), each behind a TCP proxy: a Celery worker and a publisher, whose relay
-    runs. Both brokers are cut at the same time, so the two 30 s outages overlap."""
+    runs. Both brokers are cut at the same time, so the two outages overlap."""
     made: list[tuple[Cluster, TcpProxy, str]] = []
     try:
         for broker, url in (("redis", redis_url), ("amqp", amqp_url)):
@@ -92,7 +95,7 @@ def test_committed_work_runs_after_a_broker_cut_and_rolled_back_work_never_does(
         # Then every commit went through, and what it published waits in the outbox (no node can relay it)
         assert Task.objects.filter(pk__in=task_ids, status="queued").count() == COMMITTED
         assert OutboxMessage.objects.filter(app_name=cluster.name).count() == 2 * COMMITTED
-    time.sleep(max(0.0, CUT_SECONDS - (time.monotonic() - cut_at)))  # the rest of the 30 s outage
+    time.sleep(max(0.0, CUT_SECONDS - (time.monotonic() - cut_at)))  # the rest of the outage
 
     # When the broker is reachable again, the relay drains the outbox by itself
     for _, proxy in cut_clusters:
