@@ -5,12 +5,13 @@ Ours (Django's ``transaction.on_commit`` alone loses the message when the broker
 failing callback skips every later one): ``add()`` inserts an :class:`~nocluster.models.OutboxMessage` row on the
 caller's database alias, so the row and the caller's data commit or roll back together. Then:
 
-- right after the commit, a robust ``on_commit`` callback hands the transaction's rows, from memory, to the node's
-  relay thread (``nocluster-outbox``), which sends what every commit handed it, in commit order, consecutive rows of
-  one queue channel in one batch (one Redis pipeline, one wait for RabbitMQ's confirms): the committing thread
-  never waits for the broker, and a fresh row is this process's to send, no other relay takes it. In a process
-  whose relay thread is not running (a script that did not start the node) the committing thread sends them
-  itself. The rows sent are deleted in batches within ``INTERVAL`` seconds, one statement per batch;
+- right after the commit, a robust ``on_commit`` callback sends the transaction's rows from memory (no query), in
+  order; where a send would wait (the backend waits for the broker's confirm, rows handed off before are not sent
+  yet, or older rows wait in the table) it hands them to the node's relay thread (``nocluster-outbox``) instead,
+  which sends what commits handed it in commit order, consecutive rows of one queue channel in one batch. A fresh
+  row is this process's to send: no other relay takes it. In a process whose relay thread is not running (a
+  script that did not start the node) the committing thread always sends. The rows sent are deleted in batches
+  within ``INTERVAL`` seconds, one statement per batch;
 - a row that could not be sent waits with backoff (``attempts``, ``next_attempt``, ``last_error``), with the later
   rows of its channel; any node's relay thread sends them, in order, once due and the broker answers again;
 - rows another node left behind (it died between its commit and its sends, or could not send) are taken over by
