@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 
 
@@ -94,6 +96,9 @@ class OutboxMessage(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="relay attempts that failed")
     next_attempt = models.DateTimeField(null=True, blank=True, help_text="not relayed before this time")
     last_error = models.TextField(blank=True)
+
+    # Not a column: in the process that wrote the row, what its body was made from (its sender skips decoding it).
+    memo: Any = None
 
     class Meta:
         ordering = ["id"]

@@ -203,8 +203,9 @@ class Outbox(Component):
             self._waits[kind] = waits
 
     # --- inside the caller's transaction ------------------------------------------------------------------
-    def add(self, using: str | None, kind: str, channel: str, message_id: str, body: JSON) -> None:
-        """Write a row in the current transaction of database ``using``; it is sent after that commit.
+    def add(self, using: str | None, kind: str, channel: str, message_id: str, body: JSON, memo: Any = None) -> None:
+        """Write a row in the current transaction of database ``using``; it is sent after that commit. ``memo``:
+        what ``body`` was made from, kept on the row in memory for its sender (``row.memo``) in this process.
 
         Raises whatever the database raises (the caller's transaction is then broken, as with any write).
         """
@@ -218,6 +219,7 @@ class Outbox(Component):
             body=body,
             created=timezone.now(),
         )
+        row.memo = memo
         insert_row(alias, row)
         self._databases.add(alias)
         committed = self._committed_rows(alias)

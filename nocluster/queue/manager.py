@@ -228,7 +228,7 @@ class EventQueue(Component):
             if in_transaction and self.backend.database != alias:
                 # In the caller's transaction: the outbox row commits or rolls back with the caller's data.
                 message.relayed = True
-                self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
+                self.outbox.add(alias, "queue", channel, message.id, message.to_wire(), memo=message)
             else:
                 # Outside a transaction, or a backend whose queue is a table of this very database.
                 self._send(self.full_channel(channel), message)
@@ -280,7 +280,7 @@ class EventQueue(Component):
         if connections[alias].in_atomic_block and self.backend.database != alias:
             for message in messages:
                 message.relayed = True
-                self.outbox.add(alias, "queue", channel, message.id, message.to_wire())
+                self.outbox.add(alias, "queue", channel, message.id, message.to_wire(), memo=message)
             return [message.id for message in messages]
         self._send_many(channel, messages)
         return [message.id for message in messages]
@@ -309,13 +309,13 @@ class EventQueue(Component):
 
     def relay(self, row: OutboxMessage) -> None:
         """The outbox's sender of ``"queue"`` rows: queue the message the row holds (a new send id per send)."""
-        message = dataclasses.replace(Message.from_wire(row.body), send_id=uuid.uuid4().hex)
+        message = dataclasses.replace(sent_form(row), send_id=uuid.uuid4().hex)
         self._send(self.full_channel(message.channel), message)
 
     def relay_many(self, rows: Sequence[OutboxMessage]) -> None:
         """The outbox's batch sender: consecutive ``"queue"`` rows of one channel, in one batch when every one of
         them is due now (else one by one, so a delayed one is parked or sent with its countdown)."""
-        messages = [dataclasses.replace(Message.from_wire(row.body), send_id=uuid.uuid4().hex) for row in rows]
+        messages = [dataclasses.replace(sent_form(row), send_id=uuid.uuid4().hex) for row in rows]
         now = time.time()
         if any(message.not_before > now for message in messages):
             for message in messages:
@@ -602,6 +602,11 @@ class EventQueue(Component):
         self.control.forget_paused()
         self.backend.after_fork()
         self.rate_limiter.after_fork()
+
+
+def sent_form(row: OutboxMessage) -> Message:
+    """The message an outbox row holds: the one it was written from, in the process that wrote it, else decoded."""
+    return row.memo if isinstance(row.memo, Message) else Message.from_wire(row.body)
 
 
 def not_before(channel: str, delay: object, eta: object) -> float:
