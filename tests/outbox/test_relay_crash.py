@@ -2,7 +2,9 @@
 
 Real processes on Redis: a node that commits 2,000 messages in one transaction and is killed while its relay
 sends them (rows it sent but had not deleted yet are sent again), and two Celery workers whose nodes relay what
-is left and drop the second copies before they run.
+is left and drop the second copies before they run. The node's sending thread stops for good once the broker
+took the first 500 (the scenario's ``freeze_after``), so the kill always lands between a send and its delete,
+whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tests.queue.workers import start_workers, stop_workers
 
 pytestmark = pytest.mark.cluster
 COUNT = 2000
+SENT_BEFORE_THE_KILL = 500
 
 
 @pytest.fixture
@@ -43,15 +46,12 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_no_copy_runs_twice(relay_clu
     node = NodeProcess("tests.outbox.scenario:handle", env=cluster.env).spawn().wait_ready(90)
     try:
         # Given a node relaying the 2,000 messages it committed in one transaction
-        node.request({"cmd": "publish_in_transaction", "count": COUNT})
-        wait_until(
-            lambda: len(relayed(cluster)) >= 50 and OutboxMessage.objects.filter(app_name=cluster.name).exists(),
-            timeout=60, interval=0.005, message="the relay half way",
-        )  # fmt: skip
-        # When it is killed with kill -9 while rows are still waiting
+        node.request({"cmd": "publish_in_transaction", "count": COUNT, "freeze_after": SENT_BEFORE_THE_KILL})
+        wait_until(lambda: len(relayed(cluster)) >= 50, timeout=60, message="the first sent messages to run")
+        # When it is killed with kill -9 after the broker took 500, before it deleted a row
         node.kill()
         left = OutboxMessage.objects.filter(app_name=cluster.name).count()
-        assert left > 0
+        assert left == COUNT
     finally:
         node.stop()
 
@@ -61,4 +61,5 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_no_copy_runs_twice(relay_clu
     runs = relayed(cluster)
     assert sorted(runs) == list(range(COUNT))
     dropped = sum(worker.log_text().count("a second copy of a relayed message") for worker in cluster.workers)
+    assert dropped == SENT_BEFORE_THE_KILL  # each message the broker took before the kill came twice
     print(f"relay killed with {left} rows left; {dropped} second copies delivered and dropped, 0 ran twice")
