@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.core.checks import register
+from django.core.exceptions import ImproperlyConfigured
 from django.db.models.signals import post_migrate
 
-from nocluster import app, checks
+from nocluster import app, checks, tracing
 
 
 class NoclusterConfig(AppConfig):
@@ -24,8 +25,17 @@ class NoclusterConfig(AppConfig):
         register(checks.durability_check(app.event_queue), deploy=True)
         register(checks.rate_limit_check(app.event_queue), deploy=True)
         register(checks.check_secret_key, deploy=True)
+        tracing.configure(tracing_setting(app.config))
         app.load_plugins()
         post_migrate.connect(install_plugins_after_migrate, sender=self, dispatch_uid="nocluster-install")
+
+
+def tracing_setting(config: dict[str, object]) -> bool:
+    """``NOCLUSTER["TRACING"]``: carry trace context and make spans when OpenTelemetry is installed (default)."""
+    value = config.get("TRACING", True)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f'NOCLUSTER["TRACING"] must be True or False (NOCLUSTER_TRACING), got {value!r}')
+    return value
 
 
 def install_plugins_after_migrate(sender: AppConfig, using: str = "default", **kwargs: object) -> None:

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from nocluster import tracing
 from nocluster.durations import shown
 from nocluster.errors import InvalidChannel, MalformedMessage
 
@@ -209,10 +210,12 @@ class Envelope:
     only_self: bool = False
     sent_at: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The publisher's W3C trace context (``nocluster.tracing``); empty outside a trace.
+    trace: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object that goes on the wire (``to_json()`` is its text)."""
-        return {
+        wire: dict[str, Any] = {
             "publisher_id": self.publisher_id,
             "message": self.message,
             "skip_self": self.skip_self,
@@ -220,6 +223,9 @@ class Envelope:
             "sent_at": self.sent_at,
             "id": self.id,
         }
+        if self.trace:
+            wire["trace"] = self.trace
+        return wire
 
     def to_json(self) -> str:
         return dumps(self.to_wire())
@@ -236,6 +242,7 @@ class Envelope:
             only_self=wire_field(fields, "only_self", bool, what),
             sent_at=wire_number(fields, "sent_at", what),
             id=wire_id(fields, "id", what),
+            trace=tracing.from_wire(fields.get("trace")),
         )
 
     @classmethod

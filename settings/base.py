@@ -163,6 +163,8 @@ NOCLUSTER: dict[str, Any] = {
         else {"BACKEND": "nocluster.queue.rates.backends.local.LocalRateLimiter", "OPTIONS": {}}
     ),
     "SYNC": {"DEBOUNCE": float(env("NOCLUSTER_SYNC_DEBOUNCE", "1.0"))},
+    # W3C trace context in every message, and handler spans, when OpenTelemetry is installed (docs/tracing.md).
+    "TRACING": env_bool("NOCLUSTER_TRACING", True),
     # Periodic jobs (nocluster/schedule/): whether this process claims slots, and how late a slot is still on time.
     "SCHEDULE": {
         "ENABLED": env_bool("NOCLUSTER_SCHEDULER", True),

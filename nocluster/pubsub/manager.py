@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nocluster import tracing
 from nocluster.db import close_old_connections
 from nocluster.durations import count, seconds
 from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, validate_channel
@@ -131,7 +132,14 @@ class PubSubManager(Component):
             return list(self._subscriptions.get(channel, {}).values())
 
     def publish(
-        self, channel: str, message: JSON, skip_self: bool = True, only_self: bool = False, *, origin: str = ""
+        self,
+        channel: str,
+        message: JSON,
+        skip_self: bool = True,
+        only_self: bool = False,
+        *,
+        origin: str = "",
+        trace: dict[str, str] | None = None,
     ) -> str:
         """Send ``message`` to every instance subscribed to ``channel``; returns the message id.
 
@@ -141,6 +149,7 @@ class PubSubManager(Component):
             calling thread before this returns (debounced ones later, in the debounce thread).
           origin: for the outbox relay: the instance id of the node that published it first (``skip_self``
             spares that node); default this node.
+          trace: for the outbox relay: the trace context of the first publish; default the current one.
 
         Returns after the broker accepted the message.
 
@@ -156,7 +165,8 @@ class PubSubManager(Component):
             if not isinstance(value, bool):
                 raise TypeError(f"channel {channel!r}: {flag} must be a bool, got {value!r}")
         publisher = origin or self.identity.instance_id
-        envelope = Envelope(publisher, message, skip_self=skip_self, only_self=only_self)
+        carried = tracing.carrier() if trace is None else trace
+        envelope = Envelope(publisher, message, skip_self=skip_self, only_self=only_self, trace=carried)
         if only_self:
             self._dispatch(channel, envelope)
             return envelope.id
@@ -316,7 +326,8 @@ class PubSubManager(Component):
         # connection, and does not keep one open past CONN_MAX_AGE.
         close_old_connections()
         try:
-            callback(envelope.message)
+            with tracing.consumer_span(f"receive {channel}", envelope.trace, span_attributes(channel, envelope)):
+                callback(envelope.message)
         except Exception:
             logger.exception(
                 "pub/sub callback %r raised on channel %r, message %s, instance %s",
@@ -325,3 +336,13 @@ class PubSubManager(Component):
             )  # fmt: skip
         finally:
             close_old_connections()
+
+
+def span_attributes(channel: str, envelope: Envelope) -> dict[str, str]:
+    """The attributes of a callback's span (OpenTelemetry's messaging conventions)."""
+    return {
+        "messaging.system": "nocluster",
+        "messaging.operation.type": "receive",
+        "messaging.destination.name": channel,
+        "messaging.message.id": envelope.id,
+    }

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from nocluster import tracing
 from nocluster.durations import count, seconds
 from nocluster.envelope import ensure_json, validate_channel
 from nocluster.errors import NoclusterError, PublishError, QueueStopped, UnknownChannel
@@ -212,6 +213,7 @@ class EventQueue(Component):
         message = Message(
             channel, payload, *self._checked_limits(channel, timeout, max_retries),
             not_before=not_before(channel, delay, eta), unique_key=checked_unique_key(channel, unique_key),
+            trace=tracing.carrier(),
         )  # fmt: skip
         if self._stopped:
             raise QueueStopped(
@@ -270,7 +272,8 @@ class EventQueue(Component):
         """
         self.subscription(channel)
         seconds_, retries = self._checked_limits(channel, timeout, max_retries)
-        messages = [Message(channel, self._checked_payload(channel, index, payload), seconds_, retries)
+        trace = tracing.carrier()
+        messages = [Message(channel, self._checked_payload(channel, index, payload), seconds_, retries, trace=trace)
                     for index, payload in enumerate(payloads)]  # fmt: skip
         if self._stopped:
             raise QueueStopped(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from nocluster import tracing
 from nocluster.durations import seconds
 from nocluster.envelope import JSON, validate_channel, wire_field, wire_id, wire_json, wire_number, wire_object
 from nocluster.errors import InvalidChannel, MalformedMessage
@@ -35,6 +36,7 @@ class Message:
       unique_key: the key it holds while queued, delayed or running (``publish(unique_key=...)``; "" if none).
       settle_error, settle_attempts: a failed try whose retry or failed record could not be written: the error to
         settle with, and how many times that was tried (the message is not run again, only settled).
+      trace: the W3C trace context of the code that published it (``nocluster.tracing``; empty outside a trace).
     """
 
     channel: str
@@ -50,6 +52,7 @@ class Message:
     unique_key: str = ""
     settle_error: str = ""
     settle_attempts: int = 0
+    trace: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object a backend carries."""
@@ -69,6 +72,7 @@ class Message:
                 if self.settle_error
                 else {}
             ),
+            **({"trace": self.trace} if self.trace else {}),
         }
 
     @classmethod
@@ -96,6 +100,7 @@ class Message:
             unique_key=optional_text(fields, "unique_key", what, 200),
             settle_error=optional_text(fields, "settle_error", what, 100_000),
             settle_attempts=optional_count(fields, "settle_attempts", what),
+            trace=tracing.from_wire(fields.get("trace")),
             **counts,
         )
 

@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from nocluster import tracing
 from nocluster.db import close_old_connections
 from nocluster.errors import Aborted
 from nocluster.queue.deadlines import deadlines
@@ -60,6 +61,17 @@ class _GraceStopper:
         self._timer.cancel()
 
 
+def span_attributes(message: Message) -> dict[str, str | int]:
+    """The attributes of a try's span (OpenTelemetry's messaging conventions)."""
+    return {
+        "messaging.system": "nocluster",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": message.channel,
+        "messaging.message.id": message.id,
+        "nocluster.retried": message.retried,
+    }
+
+
 def run_message(subscription: Subscription, message: Message, signal: AbortSignal, grace: float | None) -> Outcome:
     """Call ``subscription.process(message.payload, context)`` once and classify the result.
 
@@ -82,7 +94,8 @@ def run_message(subscription: Subscription, message: Message, signal: AbortSigna
         stopper = _GraceStopper(message.timeout + grace) if grace is not None else None
         close_old_connections()  # as Django does around a request, in this long-lived worker thread
         try:
-            subscription.process(message.payload, context)
+            with tracing.consumer_span(f"process {message.channel}", message.trace, span_attributes(message)):
+                subscription.process(message.payload, context)
         finally:
             close_old_connections()
             if stopper is not None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from nocluster import tracing
 from nocluster.db import close_old_connections
 from nocluster.durations import optional_seconds, seconds
 from nocluster.envelope import (
@@ -142,7 +143,11 @@ class SyncMessageManager(Component):
         alias = using or DEFAULT_DB_ALIAS
         message_id = uuid.uuid4().hex
         if connections[alias].in_atomic_block:
-            self.outbox.add(alias, "sync", channel, message_id, {"message": message})
+            body: dict[str, JSON] = {"message": message}
+            trace = tracing.carrier()
+            if trace:
+                body["trace"] = dict(trace)
+            self.outbox.add(alias, "sync", channel, message_id, body)
         else:
             self._send(channel, message, message_id)
 
@@ -216,14 +221,17 @@ class SyncMessageManager(Component):
 
     def relay(self, row: OutboxMessage) -> None:
         """The outbox's sender of ``"sync"`` rows (the publishing node is spared, whoever relays)."""
-        self._send(row.channel, row.body["message"], row.message_id, origin=row.origin)
+        trace = tracing.from_wire(row.body.get("trace"))
+        self._send(row.channel, row.body["message"], row.message_id, origin=row.origin, trace=trace)
 
-    def _send(self, channel: str, message: JSON, message_id: str, origin: str = "") -> None:
+    def _send(
+        self, channel: str, message: JSON, message_id: str, origin: str = "", trace: dict[str, str] | None = None
+    ) -> None:
         # The number is taken even if the publish fails: receivers then see a gap at the next one and resync.
         try:
             with self._send_lock:
                 payload = SyncPayload(self._sequences.next(channel), self.identity.instance_id, message, message_id)
-                self.pubsub.publish(f"sync.{channel}", payload.to_wire(), skip_self=True, origin=origin)
+                self.pubsub.publish(f"sync.{channel}", payload.to_wire(), skip_self=True, origin=origin, trace=trace)
         except Exception:
             logger.warning("sync channel %r: message not sent by instance %s", channel, self.identity.instance_id)
             raise
@@ -247,12 +255,15 @@ class SyncMessageManager(Component):
         message = payload.message
         message_id = f"{payload.source}#{payload.seq}"
         for subscription in self._subscriptions_of(channel):
-            call = partial(self._call_subscribed, channel, subscription.callback, message, message_id)
             if subscription.debounce > 0:
+                # Called later, in the debounce thread: in the trace of the message that arrived.
+                call = partial(
+                    self._call_traced, tracing.current(), channel, subscription.callback, message, message_id
+                )
                 key = ("sync", channel, subscription.callback, canonical(message))
                 self.debouncer.push(key, subscription.debounce, call)
             else:
-                call()
+                self._call_subscribed(channel, subscription.callback, message, message_id)
 
     def _on_reconnect(self) -> None:
         self._gaps.reset()
@@ -271,6 +282,10 @@ class SyncMessageManager(Component):
     def _subscribed(self, channel: str, callback: Callback) -> bool:
         with self._lock:
             return callback in self._subscriptions.get(channel, {})
+
+    def _call_traced(self, saved: Any, channel: str, callback: Callback, message: Any, message_id: str) -> None:
+        with tracing.attached(saved):
+            self._call_subscribed(channel, callback, message, message_id)
 
     def _call_subscribed(self, channel: str, callback: Callback, message: Any, message_id: str) -> None:
         # A debounced call may fire after its callback was unsubscribed: it must not run then.

@@ -1,0 +1,94 @@
+"""W3C trace context across nodes, when OpenTelemetry is installed (``opentelemetry-api``; optional).
+
+A pub/sub message, a sync message and an event-queue message carry the trace context of the code that
+published it (``traceparent`` and ``tracestate``, through OpenTelemetry's global propagator: W3C Trace Context
+unless the application configured another). Where it is handled, on whichever node, the callback or ``process``
+runs in a ``CONSUMER`` span that is a child of the publishing span: the request that published and the task that
+ran share one trace. A message published outside any span carries nothing, and its handler's span starts a trace
+of its own (if the application configured an SDK). No span is made at publish: the caller's span is the parent,
+so a publish costs a lookup of the current span and, inside a trace, one ``inject``.
+
+Without ``opentelemetry-api``, or with ``NOCLUSTER["TRACING"]`` (env ``NOCLUSTER_TRACING``) false, nothing is
+carried and no span is made. Without an SDK, the API's no-op tracer still makes the publisher's context current
+in the handler (so logs and further publishes keep the trace id), at the cost of a few microseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+except ImportError:  # pragma: no cover - the optional dependency is in requirements.txt
+    trace = None  # type: ignore[assignment]
+
+# The fields a carrier may hold: W3C Trace Context's (baggage is not carried).
+FIELDS = ("traceparent", "tracestate")
+# Longest value of a carried field: W3C's traceparent is 55 characters, tracestate at most 32 list members.
+MAX_FIELD_LENGTH = 1024
+
+_enabled = trace is not None
+
+
+def configure(enabled: bool) -> None:
+    """Turn carrying and spans on or off (``NOCLUSTER["TRACING"]``; on by default when OpenTelemetry is
+    installed). Called when the application is set up."""
+    global _enabled
+    _enabled = enabled and trace is not None
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def carrier() -> dict[str, str]:
+    """The current trace context as W3C headers, or ``{}`` outside a trace (or when tracing is off)."""
+    if not _enabled or not trace.get_current_span().get_span_context().is_valid:
+        return {}
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return {name: headers[name] for name in FIELDS if name in headers}
+
+
+def from_wire(value: object) -> dict[str, str]:
+    """A carrier read off the wire: the known fields that are short strings; anything else is ignored (a bad
+    trace context never makes a message malformed)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        name: text for name in FIELDS if isinstance(text := value.get(name), str) and 0 < len(text) <= MAX_FIELD_LENGTH
+    }
+
+
+@contextlib.contextmanager
+def consumer_span(name: str, carried: Mapping[str, str], attributes: Mapping[str, Any]) -> Iterator[None]:
+    """Run the block in a ``CONSUMER`` span named ``name``, child of the ``carried`` context (a new trace when
+    it is empty). Exceptions pass through; the span records them."""
+    if not _enabled:
+        yield
+        return
+    parent = propagate.extract(carried) if carried else otel_context.Context()
+    tracer = trace.get_tracer("nocluster")
+    with tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes):
+        yield
+
+
+def current() -> Any:
+    """The current OpenTelemetry context (None when tracing is off), to run a deferred call in it later."""
+    return otel_context.get_current() if _enabled else None
+
+
+@contextlib.contextmanager
+def attached(saved: Any) -> Iterator[None]:
+    """Run the block in a context saved by :func:`current` (a debounced call, in another thread)."""
+    if saved is None:
+        yield
+        return
+    token = otel_context.attach(saved)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
