@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 try:
@@ -31,6 +32,13 @@ FIELDS = ("traceparent", "tracestate")
 MAX_FIELD_LENGTH = 1024
 
 _enabled = trace is not None
+NO_SPAN: ContextManager[None] = contextlib.nullcontext()
+if trace is not None:
+    # The API's proxy: it follows a tracer provider the application sets later.
+    _tracer = trace.get_tracer("nocluster")
+    EMPTY_CONTEXT = otel_context.Context()
+    # Tracer providers that record nothing (no SDK was set up).
+    NO_SDK = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 
 def configure(enabled: bool) -> None:
@@ -63,17 +71,17 @@ def from_wire(value: object) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
-def consumer_span(name: str, carried: Mapping[str, str], attributes: Mapping[str, Any]) -> Iterator[None]:
-    """Run the block in a ``CONSUMER`` span named ``name``, child of the ``carried`` context (a new trace when
-    it is empty). Exceptions pass through; the span records them."""
+def consumer_span(name: str, carried: Mapping[str, str], attributes: Mapping[str, Any]) -> ContextManager[Any]:
+    """A context manager running its block in a ``CONSUMER`` span named ``name``, child of the ``carried``
+    context (a new trace when it is empty). Exceptions pass through; the span records them."""
     if not _enabled:
-        yield
-        return
-    parent = propagate.extract(carried) if carried else otel_context.Context()
-    tracer = trace.get_tracer("nocluster")
-    with tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes):
-        yield
+        return NO_SPAN
+    if isinstance(trace.get_tracer_provider(), NO_SDK):
+        # No span could be recorded: only the publisher's context is made current (what the API's no-op tracer
+        # would do, without its layers of context managers).
+        return attached(propagate.extract(carried)) if carried else NO_SPAN
+    parent = propagate.extract(carried) if carried else EMPTY_CONTEXT
+    return _tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes)
 
 
 def current() -> Any:

@@ -48,10 +48,10 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_no_copy_runs_twice(relay_clu
         # Given a node relaying the 2,000 messages it committed in one transaction
         node.request({"cmd": "publish_in_transaction", "count": COUNT, "freeze_after": SENT_BEFORE_THE_KILL})
         wait_until(lambda: len(relayed(cluster)) >= 50, timeout=60, message="the first sent messages to run")
-        # When it is killed with kill -9 after the broker took 500, before it deleted a row
+        # When it is killed with kill -9 after the broker took 500, before it deleted a row (the other nodes'
+        # relays may have taken over some rows already: they are 5 s old, NOCLUSTER["OUTBOX"]["TAKEOVER"])
         node.kill()
         left = OutboxMessage.objects.filter(app_name=cluster.name).count()
-        assert left == COUNT
     finally:
         node.stop()
 
@@ -61,5 +61,6 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_no_copy_runs_twice(relay_clu
     runs = relayed(cluster)
     assert sorted(runs) == list(range(COUNT))
     dropped = sum(worker.log_text().count("a second copy of a relayed message") for worker in cluster.workers)
-    assert dropped == SENT_BEFORE_THE_KILL  # each message the broker took before the kill came twice
+    # Each message the broker took from the killed node came again from another node's relay, and was dropped
+    assert dropped == SENT_BEFORE_THE_KILL
     print(f"relay killed with {left} rows left; {dropped} second copies delivered and dropped, 0 ran twice")
