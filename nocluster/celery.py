@@ -5,7 +5,8 @@ It takes the Celery app that the event queue's backend owns (``NOCLUSTER["EVENT_
 exactly what the nodes publish, with the same settings. The worker's main process sets Django up (Celery's
 Django fixup), which loads the plugins and their queue subscriptions; the backend then has the worker consume
 every subscribed channel. Each pool process is a node: it starts its own consumers after fork, so pub/sub
-cancels reach it.
+cancels reach it. With metrics on and ``NOCLUSTER_METRICS_PORT`` set, the main process serves every pool
+process's metrics on that port (:mod:`nocluster.metrics.exporter`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
 
 from nocluster import app as node
 from nocluster.db import forget_inherited_connections
+from nocluster.metrics.exporter import Exporter
 from nocluster.queue.backends.celery import CeleryQueueBackend
 
 
@@ -45,4 +47,26 @@ def start_node(**kwargs: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def stop_node(**kwargs: Any) -> None:
-    node.stop()
+    try:
+        node.stop()
+    finally:
+        node.metrics.process_exited(os.getpid())
+
+
+exporters: list[Exporter] = []
+
+
+@signals.worker_ready.connect
+def start_exporter(**kwargs: Any) -> None:
+    """The worker's main process, once its pool runs: serve the metrics on ``NOCLUSTER["METRICS"]["PORT"]``."""
+    settings = node.metrics.settings
+    if settings.enabled and settings.port is not None and not exporters:
+        exporter = Exporter(settings, node.metrics_collector)
+        exporter.start()
+        exporters.append(exporter)
+
+
+@signals.worker_shutdown.connect
+def stop_exporter(**kwargs: Any) -> None:
+    while exporters:
+        exporters.pop().stop()
