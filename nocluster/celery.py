@@ -11,6 +11,7 @@ process's metrics on that port (:mod:`nocluster.metrics.exporter`).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,7 @@ def _celery_app() -> Celery:
 
 
 app = _celery_app()
+logger = logging.getLogger("nocluster.metrics")
 
 
 @signals.worker_process_init.connect
@@ -62,7 +64,11 @@ def start_exporter(**kwargs: Any) -> None:
     settings = node.metrics.settings
     if settings.enabled and settings.port is not None and not exporters:
         exporter = Exporter(settings, node.metrics_collector)
-        exporter.start()
+        try:
+            exporter.start()
+        except OSError as exc:  # the port is taken: the worker runs on, without its exporter
+            logger.error("metrics exporter cannot listen on port %s (NOCLUSTER_METRICS_PORT): %s", settings.port, exc)
+            return
         exporters.append(exporter)
 
 

@@ -4,6 +4,7 @@ clear errors for wrong values."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ from django.test import Client, override_settings
 
 from nocluster import Application
 from nocluster.metrics import Metrics, MetricsSettings, QueueMetrics
+from nocluster.metrics.exporter import Exporter
 from nocluster.metrics.families import families
 from nocluster.metrics.recorders import PrometheusQueueMetrics
+from tests.helpers import free_port
+from tests.metrics.scrape import fetch
 
 
 def metrics_setting(**values: Any) -> dict[str, Any]:
@@ -90,3 +94,20 @@ def test_recorders_are_the_prometheus_ones_when_on(
     metrics = Metrics(MetricsSettings.from_config({"METRICS": {"ENABLED": True, "DIR": str(tmp_path)}}), identity)
     assert isinstance(metrics.queue, PrometheusQueueMetrics)
     assert getattr(values.ValueClass, "_multiprocess", False)
+
+
+def test_the_exporter_serves_metrics_only_and_stops(tmp_path: Path) -> None:
+    # Given an exporter without a token on a free port
+    port = free_port()
+    exporter = Exporter(MetricsSettings(True, "", port, str(tmp_path)), lambda: None)
+    exporter.start()
+    try:
+        # Then /metrics is served (no token needed) and any other path is a 404
+        status, body = fetch(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200, body
+        assert fetch(f"http://127.0.0.1:{port}/admin/")[0] == 404
+    finally:
+        exporter.stop()
+    # And once stopped, nothing listens there
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
