@@ -25,6 +25,8 @@ from nocluster.conf import get_config, load_backend
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
 from nocluster.locks import LockManager
+from nocluster.metrics import Metrics, MetricsSettings
+from nocluster.metrics.collector import ClusterCollector
 from nocluster.nodes import NodeRegistry, RegistrySettings
 from nocluster.outbox import Outbox, OutboxSettings
 from nocluster.plugin import PluginRegistry
@@ -97,8 +99,22 @@ class Application:
 
     # --- components, built on first use -----------------------------------------------------------------
     @cached_property
+    def metrics(self) -> Metrics:
+        """The recorders handed to the managers (no-ops unless ``NOCLUSTER["METRICS"]["ENABLED"]``)."""
+        return Metrics(MetricsSettings.from_config(self.config, self.name), self._identity())
+
+    def metrics_settings(self) -> MetricsSettings:
+        """``NOCLUSTER["METRICS"]`` as the settings say now (read per scrape, not cached)."""
+        config = get_config() if self._config_override is None else {**get_config(), **self._config_override}
+        return MetricsSettings.from_config(config, str(config["NAME"]))
+
+    def metrics_collector(self) -> ClusterCollector:
+        """The gauges a scrape reads from the cluster: queue channels, outbox, node registry."""
+        return ClusterCollector(self.event_queue, self.outbox, self.node_registry.nodes)
+
+    @cached_property
     def lock_manager(self) -> LockManager:
-        return LockManager(self._identity(), load_backend("LOCKS", self.config))
+        return LockManager(self._identity(), load_backend("LOCKS", self.config), self.metrics.locks)
 
     @cached_property
     def cache_manager(self) -> CacheManager:
@@ -118,7 +134,8 @@ class Application:
     @cached_property
     def pub_sub_manager(self) -> PubSubManager:
         limit = self.config.get("PUBSUB", {}).get("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
-        return PubSubManager(self._identity(), load_backend("PUBSUB", self.config), self.debouncer, limit)
+        backend = load_backend("PUBSUB", self.config)
+        return PubSubManager(self._identity(), backend, self.debouncer, limit, metrics=self.metrics.pubsub)
 
     @property
     def pubsub(self) -> PubSubManager:
@@ -128,7 +145,9 @@ class Application:
     @cached_property
     def sync_message_manager(self) -> SyncMessageManager:
         debounce = self.config.get("SYNC", {}).get("DEBOUNCE", 1.0)
-        return SyncMessageManager(self._identity(), self.pub_sub_manager, self.debouncer, debounce, self.outbox)
+        return SyncMessageManager(
+            self._identity(), self.pub_sub_manager, self.debouncer, debounce, self.outbox, self.metrics.sync
+        )
 
     @cached_property
     def event_queue(self) -> EventQueue:
@@ -140,6 +159,7 @@ class Application:
             self.outbox,
             rate_limiter=load_backend("RATE_LIMITS", self.config),
             channels=channels,
+            metrics=self.metrics.queue,
         )
 
     @cached_property

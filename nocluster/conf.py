@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "LOCKS": {"BACKEND": "nocluster.locks.backends.local.LocalLockBackend", "OPTIONS": {}},
     "RATE_LIMITS": {"BACKEND": "nocluster.queue.rates.backends.local.LocalRateLimiter", "OPTIONS": {}},
     "SYNC": {"DEBOUNCE": 1.0},
+    "METRICS": {"ENABLED": False},
 }
 
 

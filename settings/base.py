@@ -170,6 +170,14 @@ NOCLUSTER: dict[str, Any] = {
         "ENABLED": env_bool("NOCLUSTER_SCHEDULER", True),
         "GRACE": float(env("NOCLUSTER_SCHEDULE_GRACE", "5")),
     },
+    # Prometheus metrics (nocluster/metrics/, docs/metrics.md): off unless NOCLUSTER_METRICS is set. /metrics needs
+    # the bearer token when one is set; a Celery worker serves them on PORT; DIR is the multiprocess folder.
+    "METRICS": {
+        "ENABLED": env_bool("NOCLUSTER_METRICS", False),
+        "TOKEN": env("NOCLUSTER_METRICS_TOKEN"),
+        "PORT": env("NOCLUSTER_METRICS_PORT") or None,
+        "DIR": env("NOCLUSTER_METRICS_DIR"),
+    },
     # The node registry (nocluster/nodes.py), in seconds.
     "NODES": {
         "ENABLED": env_bool("NOCLUSTER_NODE_REGISTRY", True),

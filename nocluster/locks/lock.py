@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from types import TracebackType
 
@@ -11,6 +12,7 @@ from nocluster.durations import seconds
 from nocluster.errors import LockNotOwned
 from nocluster.locks.backend import MAX_TTL, Lease, LockBackend
 from nocluster.locks.renewal import LockRenewer
+from nocluster.metrics.recorders import LockMetrics
 
 logger = logging.getLogger("nocluster.locks")
 
@@ -31,8 +33,13 @@ class Lock:
     the block's exception propagates and the loss is logged as a warning.
     """
 
-    def __init__(self, backend: LockBackend, key: str, lease: Lease, ttl: float, auto_renew: bool = False) -> None:
+    def __init__(
+        self, backend: LockBackend, key: str, lease: Lease, ttl: float, auto_renew: bool = False,
+        metrics: LockMetrics | None = None,
+    ) -> None:  # fmt: skip
         self.backend = backend
+        self._metrics = metrics if metrics is not None else LockMetrics()
+        self._held_since = time.monotonic()
         self.key = key
         self.name = lease.name
         self.token = lease.token
@@ -97,6 +104,7 @@ class Lock:
                 return
             owned = self.backend.release(self._lease)
             self._released = True
+        self._metrics.held(time.monotonic() - self._held_since)
         if not owned:
             self._lost_reason = self._lost_reason or f"its ttl of {self.ttl} s passed or it was force-released"
             raise self._not_owned()

@@ -8,6 +8,7 @@ Keys are namespaced ``"{app.name}:lock:{key}"``. The backend is chosen in ``NOCL
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
@@ -20,6 +21,7 @@ from nocluster.lifecycle import Component
 from nocluster.locks.backend import MAX_TTL, LockBackend, LockInfo
 from nocluster.locks.lock import Lock
 from nocluster.locks.renewal import stop_renewers
+from nocluster.metrics.recorders import LockMetrics
 
 logger = logging.getLogger("nocluster.locks")
 T = TypeVar("T")
@@ -35,11 +37,13 @@ class LockManager(Component):
     Parameters:
       identity: the node (its ``name`` prefixes keys, its ``instance_id`` is recorded as the holder).
       backend: a :class:`~nocluster.locks.backend.LockBackend`.
+      metrics: records acquisitions, wait and hold times, force releases (default: nothing recorded).
     """
 
-    def __init__(self, identity: NodeIdentity, backend: LockBackend) -> None:
+    def __init__(self, identity: NodeIdentity, backend: LockBackend, metrics: LockMetrics | None = None) -> None:
         self.identity = identity
         self.backend = backend
+        self.metrics = metrics if metrics is not None else LockMetrics()
 
     @property
     def prefix(self) -> str:
@@ -76,8 +80,11 @@ class LockManager(Component):
         ttl = seconds(ttl, f"lock {key!r}: ttl", most=MAX_TTL)
         timeout = optional_seconds(timeout, f"lock {key!r}: timeout", allow_zero=True)
         name = self.prefix + key
+        started = time.monotonic()
         lease = self.backend.acquire(name, self.identity.instance_id, ttl, timeout, self.sequence)
+        waited = time.monotonic() - started
         if lease is None:
+            self.metrics.timed_out(waited)
             raise LockAcquireError(f"lock {key!r} not acquired within {timeout} s: {self._holder(name)}")
         logger.debug(
             "lock %r acquired by %s (token %s, ttl %s s)",
@@ -87,7 +94,8 @@ class LockManager(Component):
             ttl,
             extra={"lock_key": key},
         )
-        return Lock(self.backend, key, lease, ttl, auto_renew)
+        self.metrics.acquired(waited)
+        return Lock(self.backend, key, lease, ttl, auto_renew, metrics=self.metrics)
 
     def try_acquire(self, key: str, ttl: float = 0.5, timeout: float = 0, *, auto_renew: bool = False) -> Lock:
         """As :meth:`acquire`, but give up at once (or after ``timeout`` seconds) when another holder has it.
@@ -145,6 +153,8 @@ class LockManager(Component):
         Returns True when a lock was released. For operators: the holder may still be running its work.
         """
         released = self.backend.force_release(self.full_key(key), token)
+        if released:
+            self.metrics.force_released()
         logger.warning(
             "lock %r force-released by %s (token %s): %s",
             key,

@@ -25,6 +25,7 @@ from nocluster.envelope import JSON, Envelope, canonical, dumps, ensure_json, va
 from nocluster.errors import MalformedMessage, PublishError
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.metrics.recorders import PubSubMetrics
 from nocluster.pubsub import markers
 from nocluster.pubsub.backend import PubSubBackend
 from nocluster.pubsub.debounce import Debouncer
@@ -51,6 +52,7 @@ class PubSubManager(Component):
       backend: a :class:`~nocluster.pubsub.backend.PubSubBackend` built from ``NOCLUSTER["PUBSUB"]``.
       debouncer: runs debounced callbacks (shared with the sync messages); opened and stopped with this manager.
       max_message_bytes: the largest envelope publish() sends (1 MiB); a larger message raises ``ValueError``.
+      metrics: records messages published, received and dropped as malformed (default: nothing recorded).
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class PubSubManager(Component):
         backend: PubSubBackend,
         debouncer: Debouncer,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metrics: PubSubMetrics | None = None,
     ) -> None:
         self.identity = identity
+        self.metrics = metrics if metrics is not None else PubSubMetrics()
         self.backend = backend
         self.debouncer = debouncer
         self.max_message_bytes = count(
@@ -168,6 +172,7 @@ class PubSubManager(Component):
         carried = tracing.carrier() if trace is None else trace
         envelope = Envelope(publisher, message, skip_self=skip_self, only_self=only_self, trace=carried)
         if only_self:
+            self.metrics.published(channel)
             self._dispatch(channel, envelope)
             return envelope.id
         body = dumps(envelope.to_wire())
@@ -181,6 +186,7 @@ class PubSubManager(Component):
             raise
         except Exception as exc:
             raise PublishError(f"channel {channel!r}: publish failed: {type(exc).__name__}: {exc}") from exc
+        self.metrics.published(channel)
         return envelope.id
 
     def _check_own_id(self, channel: str, envelope: Envelope) -> None:
@@ -262,6 +268,7 @@ class PubSubManager(Component):
         self.started = False
         self.backend.after_fork()
         self.debouncer.after_fork()
+        self.metrics.after_fork()
 
     # --- called by the backend -----------------------------------------------------------------------
     def deliver(self, full_channel: str, data: JSON) -> None:
@@ -280,8 +287,10 @@ class PubSubManager(Component):
                 # RabbitMQ delivers again what was unacknowledged when a connection dropped.
                 logger.debug("channel %r: duplicate %s dropped on %s", channel, envelope.id, self.identity.instance_id)
                 return
+            self.metrics.received(channel)
             self._dispatch(channel, envelope)
         except MalformedMessage as exc:
+            self.metrics.dropped_malformed(channel)
             logger.error(
                 "channel %r: dropped a malformed envelope on instance %s: %s",
                 channel, self.identity.instance_id, exc, extra={"channel": channel},

@@ -12,14 +12,17 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nocluster.identity import NodeIdentity
+from nocluster.metrics.recorders import QueueMetrics
 from nocluster.queue.message import Message, Subscription
 from nocluster.queue.runner import Outcome
+from nocluster.queue.stats import ChannelStats
 
 
 class QueueListener(Protocol):
     """What a backend calls back into: the :class:`~nocluster.queue.manager.EventQueue` that owns it."""
 
     identity: NodeIdentity
+    metrics: QueueMetrics
 
     def full_channel(self, channel: str) -> str:
         """``"{app.name}.{channel}"``."""
@@ -168,6 +171,13 @@ class QueueBackend(ABC):
     def depth(self, full_channel: str) -> int | None:
         """Messages waiting on ``full_channel`` (not running), or None when the backend cannot tell."""
         return None
+
+    def channel_stats(self, full_channel: str) -> ChannelStats:
+        """Depth, age of the oldest waiting message and consumers of ``full_channel`` (None where unknown).
+
+        The default knows the depth only (:meth:`depth`); a backend that can tell more overrides this.
+        """
+        return ChannelStats(self.depth(full_channel))
 
     def ping(self) -> None:  # noqa: B027 (in-process backends have no server to reach)
         """Raise if this backend's server cannot be reached (for ``manage.py cluster``)."""

@@ -24,6 +24,7 @@ from nocluster.envelope import ensure_json, validate_channel
 from nocluster.errors import NoclusterError, PublishError, QueueStopped, UnknownChannel
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.metrics.recorders import QueueMetrics
 from nocluster.queue import failures
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.control import UNIQUE_KEY_LENGTH, QueueControl
@@ -36,6 +37,7 @@ from nocluster.queue.rates.gate import take_slot
 from nocluster.queue.routing import Routing, channel_list
 from nocluster.queue.runner import Outcome, run_message
 from nocluster.queue.signal import CANCELLED, AbortSignal
+from nocluster.queue.stats import ChannelStats
 
 if TYPE_CHECKING:
     from nocluster.models import FailedMessage, OutboxMessage
@@ -68,6 +70,7 @@ class EventQueue(Component):
         of the default database).
       rate_limiter: holds the channels' ``rate_limit`` (default: a process-local one).
       channels: the channels this node consumes (None: every subscribed one); checked when it starts.
+      metrics: records published, run, retried, deferred and failed messages (default: nothing recorded).
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class EventQueue(Component):
         parking: ParkedMessages | None = None,
         rate_limiter: RateLimiter | None = None,
         channels: Sequence[str] | None = None,
+        metrics: QueueMetrics | None = None,
     ) -> None:
         self.identity = identity
+        self.metrics = metrics if metrics is not None else QueueMetrics()
         self.outbox = outbox
         self.rate_limiter = rate_limiter if rate_limiter is not None else LocalRateLimiter()
         self._routing = Routing(channel_list(channels, CHANNELS_SETTING), CHANNELS_SETTING)
@@ -170,6 +175,12 @@ class EventQueue(Component):
         """Messages waiting per subscribed channel (None where the backend cannot tell)."""
         return {channel: self.backend.depth(self.full_channel(channel)) for channel in self.channels()}
 
+    def channel_stats(self, channel: str) -> ChannelStats:
+        """Depth, age of the oldest waiting message and consumers of ``channel`` now (None where the backend cannot
+        tell: docs/metrics.md). Raises :class:`~nocluster.errors.UnknownChannel` for a channel nothing subscribed."""
+        self.subscription(channel)
+        return self.backend.channel_stats(self.full_channel(channel))
+
     # --- publishing ---------------------------------------------------------------------------------------
     def publish(
         self,
@@ -234,6 +245,7 @@ class EventQueue(Component):
             else:
                 # Outside a transaction, or a backend whose queue is a table of this very database.
                 self._send(self.full_channel(channel), message)
+                self.metrics.published(channel)
         except BaseException:
             if message.unique_key and not connections[DEFAULT_DB_ALIAS].in_atomic_block:
                 self.control.release_unique(message.unique_key, message.id)
@@ -286,6 +298,7 @@ class EventQueue(Component):
                 self.outbox.add(alias, "queue", channel, message.id, message.to_wire(), memo=message)
             return [message.id for message in messages]
         self._send_many(channel, messages)
+        self.metrics.published(channel, len(messages))
         return [message.id for message in messages]
 
     def _send_many(self, channel: str, messages: list[Message]) -> None:
@@ -314,6 +327,7 @@ class EventQueue(Component):
         """The outbox's sender of ``"queue"`` rows: queue the message the row holds (a new send id per send)."""
         message = dataclasses.replace(sent_form(row), send_id=uuid.uuid4().hex)
         self._send(self.full_channel(message.channel), message)
+        self.metrics.published(message.channel)
 
     def relay_many(self, rows: Sequence[OutboxMessage]) -> None:
         """The outbox's batch sender: consecutive ``"queue"`` rows of one channel, in one batch when every one of
@@ -323,8 +337,10 @@ class EventQueue(Component):
         if any(message.not_before > now for message in messages):
             for message in messages:
                 self._send(self.full_channel(message.channel), message)
+                self.metrics.published(message.channel)
             return
         self._send_many(messages[0].channel, messages)
+        self.metrics.published(messages[0].channel, len(messages))
 
     def _checked_limits(self, channel: str, timeout: object, max_retries: object) -> tuple[float, int]:
         seconds_ = seconds(timeout, f"channel {channel!r}: timeout")
@@ -409,11 +425,13 @@ class EventQueue(Component):
         with self._lock:
             self._running[message.id] = signal
         try:
-            return run_message(subscription, message, signal, grace)
+            outcome = run_message(subscription, message, signal, grace)
         finally:
             with self._lock:
                 if self._running.get(message.id) is signal:
                     del self._running[message.id]
+        self.metrics.ran(message.channel, outcome.duration)
+        return outcome
 
     def _held_back(self, message: Message) -> tuple[Outcome | None, bool | None]:
         """The run gate: ``(outcome, second copy)``, the outcome None if ``message`` may run. Whether it is a
@@ -421,6 +439,7 @@ class EventQueue(Component):
         full_channel = self.full_channel(message.channel)
         if message.not_before > time.time():
             self._send(full_channel, message)  # the rest of its delay
+            self.metrics.deferred(message.channel)
             return Outcome("deferred"), None
         second_copy: bool | None = None
         try:
@@ -441,6 +460,7 @@ class EventQueue(Component):
             return Outcome("cancelled", "cancelled before it ran"), second_copy
         if paused:
             self._send(full_channel, message, delay=PAUSE_RECHECK)
+            self.metrics.deferred(message.channel)
             return Outcome("deferred"), second_copy
         return None, second_copy
 
@@ -468,6 +488,7 @@ class EventQueue(Component):
             )  # fmt: skip
             try:
                 self._send(full_channel, message.next_try(), delay=delay)
+                self.metrics.retried(message.channel)
                 return
             except Exception as exc:
                 error = f"{error}\n(retry could not be published: {type(exc).__name__}: {exc})"
@@ -483,6 +504,7 @@ class EventQueue(Component):
             extra={"channel": message.channel, "message_id": message.id},
         )  # fmt: skip
         failures.record(self.identity.name, message, error, node)
+        self.metrics.failed(message.channel)
         if message.unique_key:
             self.control.release_unique(message.unique_key, message.id)
 
@@ -501,10 +523,13 @@ class EventQueue(Component):
             return 0.0
         if message.not_before > time.time() or self.control.is_paused(message.channel):
             return 0.0
-        return take_slot(
+        delay = take_slot(
             self.rate_limiter, self.rate_key(subscription.channel), subscription.rate_limit, hold=hold,
             longest_defer=longest_defer, what=f"{self.full_channel(message.channel)} {message.id}",
         )  # fmt: skip
+        if delay:
+            self.metrics.deferred(message.channel)  # the backend puts it aside for that long
+        return delay
 
     # --- cancellation and pause ----------------------------------------------------------------------------------
     def cancel(self, message_id: str) -> bool:

@@ -41,6 +41,7 @@ from nocluster.envelope import (
 from nocluster.errors import MalformedMessage
 from nocluster.identity import NodeIdentity
 from nocluster.lifecycle import Component
+from nocluster.metrics.recorders import SyncMetrics
 from nocluster.recent import RECENT_IDS, RecentIds
 from nocluster.sync.sequence import GapDetector, SequenceCounter, resync_marker
 
@@ -106,12 +107,15 @@ class SyncMessageManager(Component):
       debouncer: where debounced calls wait (the pub/sub manager's, started and stopped with it).
       debounce: default seconds over which equal messages make one call (``NOCLUSTER["SYNC"]["DEBOUNCE"]``).
       outbox: where messages published inside a transaction wait for its commit.
+      metrics: records gaps and resyncs (default: nothing recorded).
     """
 
     def __init__(
-        self, identity: NodeIdentity, pubsub: PubSubManager, debouncer: Debouncer, debounce: float, outbox: Outbox
-    ) -> None:
+        self, identity: NodeIdentity, pubsub: PubSubManager, debouncer: Debouncer, debounce: float, outbox: Outbox,
+        metrics: SyncMetrics | None = None,
+    ) -> None:  # fmt: skip
         self.identity = identity
+        self.metrics = metrics if metrics is not None else SyncMetrics()
         self.pubsub = pubsub
         self.outbox = outbox
         self.debouncer = debouncer
@@ -251,6 +255,7 @@ class SyncMessageManager(Component):
                 "sync channel %r: %d message(s) from %s missed by instance %s; resyncing",
                 channel, missed, payload.source, self.identity.instance_id,
             )  # fmt: skip
+            self.metrics.gap(channel)
             self.resync(channel, reason="gap")
         message = payload.message
         message_id = f"{payload.source}#{payload.seq}"
@@ -273,6 +278,7 @@ class SyncMessageManager(Component):
         if not self._subscribed(channel, subscription.callback):
             return
         logger.info("sync channel %r: resync (%s) on instance %s", channel, reason, self.identity.instance_id)
+        self.metrics.resync(channel, reason)
         resync = subscription.resync
         if resync is not None:
             self._call(channel, lambda _: resync(reason), None, f"resync:{reason}")

@@ -51,6 +51,7 @@ from nocluster.queue.backend import QueueBackend
 from nocluster.queue.backends import celery_worker
 from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis, longest_delay
 from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
+from nocluster.queue.backends.celery_stats import amqp_stats, redis_stats
 from nocluster.queue.backends.gone_workers import (
     GoneWorkers,
     Liveness,
@@ -62,6 +63,7 @@ from nocluster.queue.control import PAUSE_REFRESH
 from nocluster.queue.message import Message, Subscription
 from nocluster.queue.parking import LEAD
 from nocluster.queue.slots import node_slot
+from nocluster.queue.stats import ChannelStats
 
 if TYPE_CHECKING:
     from nocluster.models import Redelivery
@@ -182,6 +184,13 @@ class CeleryQueueBackend(QueueBackend):
         with self.celery_app.connection_for_read() as connection:
             declared = celery_queue(full_channel, self.queue_type)(connection.default_channel).queue_declare()
             return int(declared.message_count)
+
+    def channel_stats(self, full_channel: str) -> ChannelStats:
+        """Depth, oldest age (Redis) and consumers (RabbitMQ) of the channel's broker queue (:mod:`.celery_stats`)."""
+        with self.celery_app.connection_for_read() as connection:
+            if is_redis(self.broker_url):
+                return redis_stats(connection, full_channel)
+            return amqp_stats(connection, full_channel)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until no message of this app is queued, delayed, held or running on any worker; True if so.
@@ -382,6 +391,7 @@ class CeleryQueueBackend(QueueBackend):
             self.publish(full_channel, message, delay=self.defer_delay)
         except Exception as exc:
             raise Reject(exc, requeue=True) from exc  # the broker keeps this copy instead
+        self.manager.metrics.deferred(message.channel)
 
 
 QUEUE_TYPES = ("classic", "quorum")

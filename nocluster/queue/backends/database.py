@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Q
+from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from nocluster.db import close_old_connections
@@ -30,6 +30,7 @@ from nocluster.durations import seconds
 from nocluster.errors import MalformedMessage
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.message import Message, Subscription
+from nocluster.queue.stats import ChannelStats
 
 if TYPE_CHECKING:
     from django.db.models import QuerySet
@@ -140,6 +141,16 @@ class DatabaseQueueBackend(QueueBackend):
         channel = self._channels[full_channel].subscription.channel
         now = timezone.now()
         return self._rows().filter(channel=channel).filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now)).count()
+
+    def channel_stats(self, full_channel: str) -> ChannelStats:
+        """Waiting rows (delayed ones included) and the age of the oldest since it was written (a retry is a new
+        row); consumers are unknown (every process of the project may consume)."""
+        channel = self._channels[full_channel].subscription.channel
+        now = timezone.now()
+        waiting = self._rows().filter(channel=channel).filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+        found = waiting.aggregate(n=Count("id"), first=Min("created"))
+        first = found["first"]
+        return ChannelStats(found["n"], None if first is None else max((now - first).total_seconds(), 0.0))
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:

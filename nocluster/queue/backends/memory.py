@@ -22,6 +22,7 @@ from nocluster.db import close_old_connections
 from nocluster.durations import seconds
 from nocluster.queue.backend import QueueBackend
 from nocluster.queue.message import Message, Subscription
+from nocluster.queue.stats import ChannelStats
 
 logger = logging.getLogger("nocluster.queue.memory")
 
@@ -148,6 +149,16 @@ class MemoryQueueBackend(QueueBackend):
         """Messages waiting on ``full_channel`` (not running)."""
         with self._cond:
             return len(self._channels[full_channel].ready)
+
+    def channel_stats(self, full_channel: str) -> ChannelStats:
+        """Waiting messages (delayed ones included), the oldest one's age since its first publish, and this
+        process's worker threads of the channel."""
+        with self._cond:
+            channel = self._channels[full_channel]
+            first = min((message.published_at for _, _, message in channel.ready), default=None)
+            threads = sum(1 for thread in channel.threads if thread.is_alive())
+            depth = len(channel.ready)
+        return ChannelStats(depth, None if first is None else max(time.time() - first, 0.0), threads)
 
     # --- workers ----------------------------------------------------------------------------------------
     def _spawn(self, channel: _Channel) -> None:
