@@ -443,3 +443,34 @@ def test_the_locks_command_lists_shows_and_force_releases(redis_app: Application
             held.release()
     finally:
         other.release()
+
+
+def test_a_waiter_in_a_killed_process_stops_counting_within_seconds(
+    cluster_env: dict[str, str], redis_app: Application, redis_client: redis.Redis
+) -> None:
+    client = redis_client
+    locks = redis_app.lock_manager
+    # Given a holder, a waiter in a node process and a waiter in this process: both count, on any node
+    held = locks.acquire("job", ttl=60)
+    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    try:
+        expr = "app.lock_manager.acquire('job', ttl=1.0, timeout=60).token"
+        threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
+        wait_until(lambda: locks.get_lock("job").waiting == 1, message="the node's waiter counted")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(locks.acquire, "job", 10, 60)
+            wait_until(lambda: locks.get_lock("job").waiting == 2, message="both waiters counted")
+            # When the node process is killed while it waits
+            node.kill()
+            # Then its waiter stops counting once its record expires (WAIT_CHUNK + grace), though its id is still
+            # in the queue, which the live waiter keeps alive
+            wait_until(lambda: locks.get_lock("job").waiting == 1, timeout=15, message="the dead waiter uncounted")
+            assert queue_length(client, redis_app, "job") == 2
+            assert [info.waiting for info in locks.list_locks("job")] == [1]
+            # And the live waiter still gets the lock when the holder lets go (the release skips the dead one)
+            held.release()
+            lock = waiting.result(timeout=30)
+        assert locks.get_lock("job").waiting == 0
+        lock.release()
+    finally:
+        node.stop()
