@@ -37,6 +37,7 @@ def cluster_view(request: HttpRequest) -> HttpResponse:
         "state": cluster_state(app),
         "state_url": reverse("nocluster-admin-cluster-state"),
         "poll_ms": int(CLUSTER_POLL_SECONDS * 1000),
+        "poll_seconds": CLUSTER_POLL_SECONDS,
         "links": cluster_links(),
     }
     return TemplateResponse(request, "nocluster/admin/cluster.html", context)
