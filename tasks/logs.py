@@ -108,6 +108,13 @@ _active_lock = threading.Lock()
 class _TaskThreadHandler(logging.Handler):
     """On the root logger: a record logged in a thread running a task goes to that task's log."""
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Without the handler-wide lock of logging.Handler.handle: every record of the process comes here, and a
+        # task writing its batch must not hold up the others' logging (each TaskLog has its own lock).
+        if record.thread in _active:
+            self.emit(record)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:
         log = _active.get(record.thread or 0)
         if log is None or getattr(record, "task_log_kept", False):
