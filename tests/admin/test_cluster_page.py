@@ -14,8 +14,8 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
-from nocluster import app
-from nocluster.cluster_state import ping_all
+from nocluster import Application, app
+from nocluster.cluster_state import cluster_state, ping_all
 from nocluster.models import FailedMessage, Node
 from tasks.models import Task
 from tests.helpers import wait_until
@@ -23,6 +23,7 @@ from tests.helpers import wait_until
 PAGE = "/admin/cluster/"
 STATE = "/admin/cluster/state.json"
 CHANNEL = "tasks.async_task_manager.checksum"
+REDIS_LOCKS = "nocluster.locks.backends.redis.RedisLockBackend"
 
 
 def logged_in(name: str, **flags: bool) -> Client:
@@ -129,3 +130,21 @@ def test_a_ping_that_fails_or_does_not_answer_in_time_is_named_with_why() -> Non
         "seconds": results["refused"]["seconds"],
     }  # fmt: skip
     assert results["hung"] == {"ok": False, "error": "no answer within 0.3 s", "seconds": None}
+
+
+def test_an_unreachable_lock_server_is_named_and_the_other_sections_still_show(db: None, app_name: str) -> None:
+    # Given a node whose locks are on a Redis that refuses connections (nothing listens on port 9)
+    unreachable = Application(
+        {"NAME": app_name, "LOCKS": {"BACKEND": REDIS_LOCKS, "OPTIONS": {"url": "redis://127.0.0.1:9/0"}}}
+    )
+    try:
+        state = cluster_state(unreachable)
+    finally:
+        unreachable.lock_manager.close()
+    # Then the locks backend reads "NO" with the reason, and the locks section says it cannot be read ...
+    backends = {row["name"]: row for row in state["backends"]["rows"]}
+    assert not backends["locks"]["ok"] and "127.0.0.1:9" in backends["locks"]["error"]
+    assert state["locks"] == {"rows": [], "error": state["locks"]["error"]} and "unavailable" in state["locks"]["error"]
+    # ... while every other backend and section answers
+    assert all(row["ok"] for name, row in backends.items() if name != "locks"), backends
+    assert all(state[name]["error"] is None for name in ("nodes", "channels", "tasks", "outbox"))
