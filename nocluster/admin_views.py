@@ -1,8 +1,11 @@
-"""Admin pages for cluster state that is not a model: the locks held right now, the event-queue channels.
+"""Admin pages for cluster state that is not a model: the live Cluster page, the locks held right now, the
+event-queue channels.
 
-Staff see the lists. Superusers may force-release a lock (the holder's work may still be running, so the page
-asks for a confirmation and the release is logged with the operator's name). Users with the change permission
-of channel states (``nocluster.change_channelstate``; superusers have it) may pause and resume a channel.
+Staff see them. The Cluster page is read-only: it shows :func:`nocluster.cluster_state.cluster_state` and polls
+the same dict from its JSON endpoint; the actions stay on the other pages. Superusers may force-release a lock
+(the holder's work may still be running, so the page asks for a confirmation and the release is logged with the
+operator's name). Users with the change permission of channel states (``nocluster.change_channelstate``;
+superusers have it) may pause and resume a channel.
 """
 
 from __future__ import annotations
@@ -11,13 +14,53 @@ import logging
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
 from nocluster import app
+from nocluster.cluster_state import cluster_state
+
+# Seconds between two polls of the Cluster page's JSON endpoint.
+CLUSTER_POLL_SECONDS = 2.0
 
 logger = logging.getLogger("nocluster.admin")
+
+
+def cluster_view(request: HttpRequest) -> HttpResponse:
+    """The live Cluster page: nodes, backends, channels, running tasks, locks, outbox; refreshed by its script."""
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    context = {
+        **admin.site.each_context(request),
+        "title": "Cluster",
+        "state": cluster_state(app),
+        "state_url": reverse("nocluster-admin-cluster-state"),
+        "poll_ms": int(CLUSTER_POLL_SECONDS * 1000),
+        "poll_seconds": CLUSTER_POLL_SECONDS,
+        "links": cluster_links(),
+    }
+    return TemplateResponse(request, "nocluster/admin/cluster.html", context)
+
+
+def cluster_state_view(request: HttpRequest) -> HttpResponse:
+    """The Cluster page's data as JSON (the same dict the page renders), for its script; GET only."""
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    return JsonResponse(cluster_state(app))
+
+
+def cluster_links() -> dict[str, str]:
+    """The admin lists the Cluster page links to; ``task`` has ``{id}`` where a task's id goes."""
+    return {
+        "tasks": reverse("admin:tasks_task_changelist"),
+        "task": reverse("admin:tasks_task_change", args=[0]).replace("/0/", "/{id}/"),
+        "failed": reverse("admin:nocluster_failedmessage_changelist"),
+        "nodes": reverse("admin:nocluster_node_changelist"),
+        "outbox": reverse("admin:nocluster_outboxmessage_changelist"),
+        "locks": reverse("nocluster-admin-locks"),
+        "channels": reverse("nocluster-admin-channels"),
+    }
 
 
 def locks_view(request: HttpRequest) -> HttpResponse:
@@ -94,6 +137,10 @@ def _pause_or_resume(request: HttpRequest) -> HttpResponse:
 def admin_urls() -> list:
     """URLs to mount before ``admin.site.urls``; each view requires a logged-in staff user."""
     return [
+        path("admin/cluster/", admin.site.admin_view(cluster_view), name="nocluster-admin-cluster"),
+        path(
+            "admin/cluster/state.json", admin.site.admin_view(cluster_state_view), name="nocluster-admin-cluster-state"
+        ),
         path("admin/cluster/locks/", admin.site.admin_view(locks_view), name="nocluster-admin-locks"),
         path("admin/cluster/channels/", admin.site.admin_view(channels_view), name="nocluster-admin-channels"),
     ]

@@ -1,4 +1,4 @@
-"""Admin for tasks: status, progress, node, tries, error and times; filters, search and a cancel action."""
+"""Admin for tasks: status, progress, node, tries, error, times and log; filters, search and a cancel action."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class TaskAdmin(GuardedActionsAdmin):
     )
     list_filter = ("status", "plugin", "node")
     search_fields = ("title", "plugin", "channel", "error", "message_id")
-    readonly_fields = [field.name for field in Task._meta.fields]
+    # The log is shown as one preformatted block (``log_lines``), not as a form field.
+    exclude = ("log",)
+    readonly_fields = [*(field.name for field in Task._meta.fields if field.name != "log"), "log_lines"]
     actions = ["cancel_tasks"]
     date_hierarchy = "created"
 
@@ -36,6 +38,14 @@ class TaskAdmin(GuardedActionsAdmin):
         return format_html(
             '<progress value="{}" max="100" title="{}%"></progress> {}%', task.progress, task.progress, task.progress
         )
+
+    @admin.display(description="log")
+    def log_lines(self, task: Task) -> str:
+        # What the task logged, on whichever node it ran (tasks.logs): its last lines, oldest first.
+        if not task.log:
+            return "(nothing logged)"
+        dropped = f"({task.log_dropped} earlier line(s) not kept)\n" if task.log_dropped else ""
+        return format_html('<pre class="task-log" style="white-space: pre-wrap">{}{}</pre>', dropped, task.log)
 
     @admin.display(description="node", ordering="node")
     def node_short(self, task: Task) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from nocluster.envelope import JSON
 from nocluster.plugin import Plugin, PluginHost
 from nocluster.queue.message import Context
 from nocluster.queue.signal import CANCELLED, TIMEOUT, AbortSignal
+from tasks.logs import TaskLog, capturing, format_line
 from tasks.models import Task
 
 if TYPE_CHECKING:
@@ -60,11 +62,16 @@ def cancel_channel(plugin: str) -> str:
 
 
 class TaskContext:
-    """The second argument of a task function: ``task_id``, ``signal``, ``retried`` and :meth:`progress`."""
+    """The second argument of a task function: ``task_id``, ``signal``, ``retried``, :meth:`progress`, :meth:`log`.
 
-    def __init__(self, task_id: int, context: Context) -> None:
+    What ``fn`` logs while it runs (through any logger, in its own thread) is kept with the task and shown on its
+    admin page, bounded: see :mod:`tasks.logs`.
+    """
+
+    def __init__(self, task_id: int, context: Context, log: TaskLog | None = None) -> None:
         self.task_id = task_id
         self.context = context
+        self._log = log
 
     @property
     def signal(self) -> AbortSignal:
@@ -78,6 +85,16 @@ class TaskContext:
         """Record progress, 0 to 100 (clamped), visible in the admin at once."""
         value = max(0, min(100, round(percent)))
         Task.objects.filter(pk=self.task_id, status=Task.Status.RUNNING).update(progress=value)
+        if self._log is not None:
+            self._log.flush()  # the lines logged so far show up with the progress
+
+    def log(self, message: str, *args: object, level: int = logging.INFO) -> None:
+        """Keep the line ``message % args`` with the task (whatever the loggers' levels), and log it to the
+        ``tasks`` logger with this task's id."""
+        logger.log(level, message, *args, extra={"task_id": self.task_id, "task_log_kept": True})
+        if self._log is not None:
+            text = message % args if args else message
+            self._log.add(format_line(time.time(), logging.getLevelName(level), "task", text))
 
 
 class _Registry:
@@ -188,12 +205,13 @@ def _runner(registry: _Registry, channel: str) -> Callable[[Any, Context], None]
 
 def _run_task(registry: _Registry, channel: str, payload: Any, context: Context) -> None:
     task_id = payload["task_id"]
+    node = registry.app.instance_id
     now = timezone.now()
     # A failed task runs again when an admin re-queues its failed message; a cancelled one never does.
     runnable = [Task.Status.QUEUED, Task.Status.RUNNING, Task.Status.FAILED]
     claimed = Task.objects.filter(pk=task_id, status__in=runnable).update(
         status=Task.Status.RUNNING,
-        node=registry.app.instance_id,
+        node=node,
         # A re-queued failed message has a new id: cancels must find the one running now.
         message_id=context.id,
         started=now,
@@ -205,7 +223,9 @@ def _run_task(registry: _Registry, channel: str, payload: Any, context: Context)
         logger.info("task %s was cancelled (or deleted) before it ran", task_id)
         return
     try:
-        result = registry.types[channel](payload.get("params"), TaskContext(task_id, context))
+        with capturing(TaskLog(task_id)) as log:
+            log.add(format_line(time.time(), "INFO", "tasks", f"--- try {context.retried + 1} on node {node} ---"))
+            result = registry.types[channel](payload.get("params"), TaskContext(task_id, context, log))
     except Exception as exc:
         _ended(task_id, context, f"{type(exc).__name__}: {exc}")
         raise

@@ -27,6 +27,8 @@ class Task(models.Model):
     error = models.TextField(blank=True)
     result = models.JSONField(null=True, blank=True, help_text="result summary (JSON)")
     message_id = models.CharField(max_length=32, blank=True, db_index=True, help_text="event queue message id")
+    log = models.TextField(blank=True, help_text="what the task logged, its last lines (see tasks.logs)")
+    log_dropped = models.PositiveIntegerField(default=0, help_text="older log lines let go to keep the bounds")
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)

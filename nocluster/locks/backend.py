@@ -45,8 +45,10 @@ class LockInfo:
       instance_id: the ``app.instance_id`` of the holder.
       token: the holder's fencing token (None if the record is not one of ours).
       time_left: seconds until the ttl releases the lock (None: it never expires).
-      waiting: how many callers are waiting for it (on Redis: queued waiters; one that died is counted until its
-        place in the queue expires, a few seconds).
+      waiting: how many callers are blocked in ``acquire`` for it right now, on every node (on Redis: queued
+        waiters whose record is alive; a waiter killed while it waits stops counting when its record expires,
+        within :data:`~nocluster.locks.backends.redis.WAIT_CHUNK` + ``WAITER_GRACE`` seconds, 4 s by default).
+        A waiter counts from its first failed attempt until it gets the lock or gives up.
     """
 
     key: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 
 from nocluster import LockNotOwned, app
+from tests.helpers import wait_until
 
 URL = "/admin/cluster/locks/"
 
@@ -93,3 +95,15 @@ def test_the_admin_index_links_to_the_locks_page(superuser_client: Client) -> No
 def test_the_sidebar_of_other_admin_pages_links_to_the_locks_page(superuser_client: Client) -> None:
     page = superuser_client.get("/admin/tasks/task/").content.decode()
     assert 'id="nav-sidebar"' in page and f'href="{URL}"' in page
+
+
+def test_the_page_shows_how_many_wait_for_each_lock(superuser_client: Client, held: Any) -> None:
+    # Given a caller blocked waiting for the held lock (it gives up after its timeout, or gets it at the release)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiter = pool.submit(app.lock_manager.acquire, held.key, 10, 30)
+        wait_until(lambda: app.lock_manager.get_lock(held.key).waiting == 1, message="a waiter")
+        # Then the page shows it in the lock's row
+        page = superuser_client.get(URL).content.decode()
+        assert '<td class="lock-waiting">1</td>' in page
+        held.release()
+        waiter.result(30).release()

@@ -371,3 +371,32 @@ def test_force_release_with_a_token_frees_only_that_holder(locks: LockManager) -
     assert locks.get_lock("by-token").token == old.token
     assert locks.force_release("by-token", token=old.token) is True
     assert locks.get_lock("by-token") is None
+
+
+def waiting_for(locks: LockManager, key: str) -> int | None:
+    info = locks.get_lock(key)
+    return None if info is None else info.waiting
+
+
+def test_a_waiter_counts_while_it_waits_and_stops_when_it_gets_the_lock_or_gives_up(
+    locks: LockManager, pool: ThreadPoolExecutor
+) -> None:
+    # Given a holder and nobody waiting
+    held = locks.acquire("test", ttl=30)
+    assert waiting_for(locks, "test") == 0
+    # When two callers block in acquire: one that will get the lock, one that gives up after its timeout
+    patient = pool.submit(locks.acquire, "test", 10, 30)
+    wait_until(lambda: waiting_for(locks, "test") == 1, message="the patient waiter counted")
+    quitter = pool.submit(locks.acquire, "test", 10, 1.0)
+    # Then both count, in list_locks as in get_lock
+    wait_until(lambda: waiting_for(locks, "test") == 2, message="both waiters counted")
+    assert [info.waiting for info in locks.list_locks("test")] == [2]
+    # And the one that gives up stops counting
+    with pytest.raises(LockAcquireError):
+        quitter.result(30)
+    assert waiting_for(locks, "test") == 1
+    # And the one that gets the lock stops counting too: it holds it, nobody waits
+    held.release()
+    lock = patient.result(30)
+    assert waiting_for(locks, "test") == 0
+    lock.release()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -418,14 +419,24 @@ def test_the_locks_command_lists_shows_and_force_releases(redis_app: Application
         "NOCLUSTER_NAME": redis_app.name,
         "REDIS_URL": redis_url,
     }
-    held = redis_app.lock_manager.acquire("jobs:nightly", ttl=60)
-    other = redis_app.lock_manager.acquire("reports", ttl=60)
+    locks = redis_app.lock_manager
+    held = locks.acquire("jobs:nightly", ttl=60)
+    other = locks.acquire("reports", ttl=60)
+    weekly = locks.acquire("jobs:weekly", ttl=60)
+    pool = ThreadPoolExecutor(max_workers=1)
+    waiter = pool.submit(locks.acquire, "jobs:weekly", 10, 60)
     try:
-        # list with a pattern, and show: holder instance, token
+        wait_until(lambda: locks.get_lock("jobs:weekly").waiting == 1, message="a waiter for jobs:weekly")
+        # list with a pattern, and show: holder instance, token, how many wait
         listed = manage_locks(env, "list", "jobs:*")
         assert listed.returncode == 0, listed.stderr
         assert "jobs:nightly" in listed.stdout and redis_app.instance_id in listed.stdout
         assert "reports" not in listed.stdout
+        header, *rows = listed.stdout.splitlines()
+        assert header.split()[:4] == ["KEY", "INSTANCE", "TOKEN", "WAITING"]
+        assert {row.split()[0]: row.split()[3] for row in rows} == {"jobs:nightly": "0", "jobs:weekly": "1"}
+        as_json = json.loads(manage_locks(env, "list", "--json", "jobs:weekly").stdout)
+        assert [(entry["key"], entry["waiting"]) for entry in as_json] == [("jobs:weekly", 1)]
         shown = manage_locks(env, "show", "jobs:nightly")
         assert shown.returncode == 0 and f"token:         {held.token}" in shown.stdout, shown.stdout
         # release without --force is refused with a one-line error
@@ -443,3 +454,37 @@ def test_the_locks_command_lists_shows_and_force_releases(redis_app: Application
             held.release()
     finally:
         other.release()
+        weekly.release()
+        waiter.result(30).release()
+        pool.shutdown()
+
+
+def test_a_waiter_in_a_killed_process_stops_counting_within_seconds(
+    cluster_env: dict[str, str], redis_app: Application, redis_client: redis.Redis
+) -> None:
+    client = redis_client
+    locks = redis_app.lock_manager
+    # Given a holder, a waiter in a node process and a waiter in this process: both count, on any node
+    held = locks.acquire("job", ttl=60)
+    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    try:
+        expr = "app.lock_manager.acquire('job', ttl=1.0, timeout=60).token"
+        threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
+        wait_until(lambda: locks.get_lock("job").waiting == 1, message="the node's waiter counted")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(locks.acquire, "job", 10, 60)
+            wait_until(lambda: locks.get_lock("job").waiting == 2, message="both waiters counted")
+            # When the node process is killed while it waits
+            node.kill()
+            # Then its waiter stops counting once its record expires (WAIT_CHUNK + grace), though its id is still
+            # in the queue, which the live waiter keeps alive
+            wait_until(lambda: locks.get_lock("job").waiting == 1, timeout=15, message="the dead waiter uncounted")
+            assert queue_length(client, redis_app, "job") == 2
+            assert [info.waiting for info in locks.list_locks("job")] == [1]
+            # And the live waiter still gets the lock when the holder lets go (the release skips the dead one)
+            held.release()
+            lock = waiting.result(timeout=30)
+        assert locks.get_lock("job").waiting == 0
+        lock.release()
+    finally:
+        node.stop()

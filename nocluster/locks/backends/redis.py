@@ -24,7 +24,10 @@ What is ours, and why:
 - the waiter loop (:class:`Acquisition`): attempt, then ``BLPOP`` for at most the holder's remaining ``PTTL``,
   the caller's remaining timeout and :data:`WAIT_CHUNK` (at most half the socket timeout, so a wait never trips
   ``socket_timeout``: redis-py#2807), then renew the waiter record and repeat; on timeout or any exception the
-  waiter leaves the queue and releases a lock handed to it meanwhile.
+  waiter leaves the queue and releases a lock handed to it meanwhile;
+- the waiter count of :meth:`RedisLockBackend.inspect` and ``scan``: the queued waiters whose record is alive
+  (``WAITING_SCRIPT``), so a waiter killed while it waits stops counting once its record expires (at most
+  :data:`WAIT_CHUNK` + :data:`WAITER_GRACE` seconds), even while live waiters keep the queue itself alive.
 
 Durations are seconds everywhere here: ``redis_scripts.to_ms`` alone turns them into the milliseconds Redis is sent
 (``from_ms`` reads PTTL replies back). Redis checks blocking-command timeouts on its timer (``hz``, 10 by
@@ -240,7 +243,7 @@ class RedisLockBackend(LockBackend):
             pipe = self._client.pipeline(transaction=False)
             pipe.get(name)
             pipe.pttl(name)
-            pipe.llen(f"lock-queue:{name}")
+            self._scripts.queue_waiting(pipe, name)
             value, pttl, waiting = pipe.execute(raise_on_error=False)
         return _parse(name, value, pttl, waiting)
 
@@ -252,7 +255,7 @@ class RedisLockBackend(LockBackend):
             for name in names:
                 pipe.get(name)
                 pipe.pttl(name)
-                pipe.llen(f"lock-queue:{name}")
+                self._scripts.queue_waiting(pipe, name)
             results = pipe.execute(raise_on_error=False) if names else []
         found = (_parse(name, *results[3 * i : 3 * i + 3]) for i, name in enumerate(names))
         return [info for info in found if info is not None]

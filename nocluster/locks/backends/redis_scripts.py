@@ -137,6 +137,18 @@ return 1
 )
 
 
+# KEYS[1] lock. Returns how many waiters are queued for it and alive: a waiter whose record expired (it was killed,
+# or gave up without leaving) is not counted, though its id stays in the queue until a release skips it.
+WAITING_SCRIPT = b"""
+local prefix = "lock-waiter:" .. KEYS[1] .. ":"
+local live = 0
+for _, waiter in ipairs(redis.call("lrange", "lock-queue:" .. KEYS[1], 0, -1)) do
+    live = live + redis.call("exists", prefix .. waiter)
+end
+return live
+"""
+
+
 def to_ms(seconds: float) -> int:
     """Seconds to whole milliseconds, rounded up, at least 1: every duration sent to Redis goes through here."""
     return max(1, math.ceil(seconds * 1000))
@@ -173,6 +185,7 @@ class LockScripts:
         self._release = client.register_script(RELEASE_SCRIPT)
         self._extend = client.register_script(EXTEND_SCRIPT)
         self._force_release = client.register_script(FORCE_RELEASE_SCRIPT)
+        self._waiting = client.register_script(WAITING_SCRIPT)
 
     def acquire(
         self, name: str, sequence: str, owner: str, waiter: str, ttl: float, record_life: float, mode: Mode
@@ -195,6 +208,10 @@ class LockScripts:
     def extend(self, name: str, owner_id: str, ttl: float) -> bool:
         """Set the time left of ``name`` to ``ttl`` seconds if ``owner_id`` holds it; False when it was lost."""
         return bool(self._extend(keys=(name,), args=(owner_id, to_ms(ttl))))
+
+    def queue_waiting(self, pipe: redis.client.Pipeline, name: str) -> None:
+        """Add to ``pipe`` the count of live waiters of ``name`` (see :data:`WAITING_SCRIPT`); its reply is an int."""
+        self._waiting(keys=(name,), client=pipe)
 
     def force_release(self, name: str, token: int | None, signal_expire: float) -> bool:
         """Let go of ``name`` whoever holds it (only under ``token``, when given); True when a lock was released."""
