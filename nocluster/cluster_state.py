@@ -31,6 +31,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from nocluster.models import FailedMessage
+from nocluster.queue.stats import ChannelStats
 
 if TYPE_CHECKING:
     from nocluster.app import Application
@@ -147,38 +148,40 @@ def _ping_thread(name: str, check: Callable[[], object], results: dict[str, dict
 def channels(app: Application) -> list[dict[str, Any]]:
     """Per subscribed channel: depth, oldest age, running now, failed, paused and consumers (None: unknown).
 
-    ``oldest_age`` and ``consumers`` are None until the event queue reports them: they will come from
-    ``EventQueue.channel_stats(channel)`` (``ChannelStats(depth, oldest_age, consumers)``), which will also give
-    ``depth``. ``running`` counts the running tasks (:mod:`tasks`) of a task channel, on every node; it is None on
-    other channels, whose runs no table records.
+    Depth, oldest age and consumers are the backend's (``EventQueue.channel_stats``; what each backend can tell is
+    in docs/metrics.md). ``running`` counts the running tasks (:mod:`tasks`) of a task channel, on every node; it
+    is None on other channels, whose runs no table records.
     """
     queue = app.event_queue
     paused = set(queue.paused_channels(fresh=True))
     failed = _count_by_channel(FailedMessage.objects.filter(app_name=app.name))
     running = _running_tasks_by_channel()
-    return [
-        {
-            "name": channel,
-            "depth": channel_depth(app, channel),
-            "oldest_age": None,
-            "running": running.get(channel, 0) if channel.startswith(TASK_CHANNEL_PREFIX) else None,
-            "failed": failed.get(channel, 0),
-            "paused": channel in paused,
-            "consumers": None,
-        }
-        for channel in queue.channels()
-    ]
+    rows = []
+    for channel in queue.channels():
+        stats = channel_stats(app, channel)
+        rows.append(
+            {
+                "name": channel,
+                "depth": stats.depth,
+                "oldest_age": stats.oldest_age,
+                "running": running.get(channel, 0) if channel.startswith(TASK_CHANNEL_PREFIX) else None,
+                "failed": failed.get(channel, 0),
+                "paused": channel in paused,
+                "consumers": stats.consumers,
+            }
+        )
+    return rows
 
 
 TASK_CHANNEL_PREFIX = "tasks."  # tasks.api.CHANNEL_PREFIX (not imported: nocluster does not depend on tasks)
 
 
-def channel_depth(app: Application, channel: str) -> int | None:
-    """Messages waiting on ``channel`` (not running), or None when the backend cannot tell or be reached."""
+def channel_stats(app: Application, channel: str) -> ChannelStats:
+    """``channel``'s depth, oldest age and consumers, all None when the backend cannot be reached."""
     try:
-        return app.event_queue.backend.depth(app.event_queue.full_channel(channel))
+        return app.event_queue.channel_stats(channel)
     except Exception:
-        return None
+        return ChannelStats(None)
 
 
 def _count_by_channel(rows: Any) -> dict[str, int]:
