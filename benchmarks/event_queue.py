@@ -118,11 +118,13 @@ def child_env(name: str, broker_url: str) -> dict[str, str]:
     }
 
 
-def start_worker(name: str, broker_url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_worker(
+    name: str, broker_url: str, env: dict[str, str] | None = None, include: str = "benchmarks.event_queue"
+) -> subprocess.Popen[bytes]:
     log = Path(tempfile.gettempdir()) / f"nocluster-bench-{name}.log"
     command = [
         sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker", "-P", "prefork", "-c", str(PROCESSES),
-        "-n", f"bench-{name}@%h", "-I", "benchmarks.event_queue", "-Q", f"{name}.raw",
+        "-n", f"bench-{name}@%h", "-I", include, "-Q", f"{name}.raw",
         "--without-gossip", "--without-mingle", "-l", "WARNING",
     ]  # fmt: skip
     with log.open("wb") as out:

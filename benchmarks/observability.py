@@ -1,0 +1,229 @@
+"""What metrics and tracing cost: each instrumented path with ``NOCLUSTER_METRICS`` and ``NOCLUSTER_TRACING`` on,
+against the same path with both off, in one run on the same servers (Redis as broker, pub/sub and locks).
+
+Both arms run with OpenTelemetry's SDK set up (a tracer provider with a batch span processor and an exporter
+that drops the spans), and publish inside a request span (one per 100 messages), as a traced web node does: the
+arms differ only in what nocluster does, carrying the trace context and making its handler spans, and recording
+metrics (prometheus_client in multiprocess mode, files in a folder of this run).
+
+Paths, each a fresh child process per arm and round, arms in mirrored order (off, on, on, off, ...), medians:
+
+- ``pubsub``: ``app.pubsub.publish`` of ``BENCH_OBS_MESSAGES`` (5,000) messages received by the same process
+  (``skip_self=False``): publish rate with every message received;
+- ``locks``: ``acquire`` + ``release`` of one key, uncontended (``BENCH_OBS_LOCKS``, 2,000);
+- ``queue publish``: ``app.event_queue.publish`` on Celery (lean publish), no worker consuming;
+- ``queue worker``: a Celery worker (2 prefork processes) with the arm's settings runs ``BENCH_OBS_RUNS``
+  (3,000) no-op messages; publisher enqueue rate and end-to-end throughput.
+
+Goal (issue 16): on ÷ off at least 0.95 on every path. Needs Redis (``REDIS_URL``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from typing import Any  # noqa: E402
+
+MESSAGES = int(os.environ.get("BENCH_OBS_MESSAGES", "5000"))
+LOCKS = int(os.environ.get("BENCH_OBS_LOCKS", "2000"))
+RUNS = int(os.environ.get("BENCH_OBS_RUNS", "3000"))
+PAIRS = int(os.environ.get("BENCH_OBS_PAIRS", "2"))
+SPAN_EVERY = 100
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def set_up_sdk() -> Any:
+    """OpenTelemetry's SDK in this process: spans are made and batched, then dropped. Returns a tracer."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropped()))
+    trace.set_tracer_provider(provider)
+    return trace.get_tracer("benchmarks.observability")
+
+
+def arm_env(name: str, arm: str, metrics_dir: str) -> dict[str, str]:
+    from benchmarks.event_queue import REDIS_URL, child_env
+
+    on = "true" if arm == "on" else "false"
+    return {
+        **child_env(name, REDIS_URL),
+        "NOCLUSTER_METRICS": on,
+        "NOCLUSTER_TRACING": on,
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+        "BENCH_QUEUE_MESSAGES": str(RUNS),
+    }
+
+
+# --- in a child process: the in-process paths -------------------------------------------------------------------
+def in_spans(tracer: Any, count: int, step: Any) -> float:
+    """Call ``step(i)`` ``count`` times, ``SPAN_EVERY`` per request span; return the seconds it took."""
+    started = time.perf_counter()
+    for first in range(0, count, SPAN_EVERY):
+        with tracer.start_as_current_span("GET /bench"):
+            for i in range(first, min(count, first + SPAN_EVERY)):
+                step(i)
+    return time.perf_counter() - started
+
+
+def measure_paths() -> None:
+    import django
+
+    django.setup()
+    import benchmarks.event_queue  # noqa: F401 (registers the bench channel: BENCH_QUEUE_ROLE is "worker")
+    from nocluster import app
+
+    tracer = set_up_sdk()
+    figures = {
+        "pubsub": pubsub_rate(app, tracer),
+        "locks": LOCKS / in_spans(tracer, LOCKS, lambda i: app.lock_manager.acquire("bench", ttl=5).release()),
+        "queue publish": MESSAGES / in_spans(tracer, MESSAGES, lambda i: app.event_queue.publish("bench", {"i": i})),
+    }
+    print(json.dumps(figures))
+
+
+def pubsub_rate(app: Any, tracer: Any) -> float:
+    received = [0]
+    done = threading.Event()
+
+    def on_message(message: Any) -> None:
+        received[0] += 1
+        if received[0] >= MESSAGES + 1:
+            done.set()
+
+    app.pub_sub_manager.subscribe("bench", on_message)
+    app.pub_sub_manager.start()
+    try:
+        # The subscription is bound once a first message comes back.
+        deadline = time.monotonic() + 30
+        while received[0] == 0 and time.monotonic() < deadline:
+            app.pub_sub_manager.publish("bench", {"i": -1}, skip_self=False)
+            time.sleep(0.05)
+        received[0] = 1
+        started = time.perf_counter()
+        in_spans(tracer, MESSAGES, lambda i: app.pub_sub_manager.publish("bench", {"i": i}, skip_self=False))
+        if not done.wait(60):
+            raise RuntimeError(f"pub/sub: {received[0] - 1} of {MESSAGES} received")
+        return MESSAGES / (time.perf_counter() - started)
+    finally:
+        app.pub_sub_manager.stop()
+
+
+# --- in a child process: the publisher of the worker path -------------------------------------------------------
+def measure_worker_path() -> None:
+    import django
+
+    django.setup()
+    from benchmarks.event_queue import collect, wait_for_worker  # registers the bench channel (as above)
+    from nocluster import app
+
+    tracer = set_up_sdk()
+    wait_for_worker()
+    sent: dict[int, float] = {}
+
+    def publish(i: int) -> None:
+        sent[i] = time.time()
+        app.event_queue.publish("bench", {"i": i}, timeout=15)
+
+    started = time.time()
+    in_spans(tracer, RUNS, publish)
+    figures = collect("event_queue", sent, started, time.time())
+    print(json.dumps({"queue enqueue": figures["enqueue_per_s"], "queue worker": figures["throughput_per_s"]}))
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+def run_child(mode: str, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), mode], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def one_arm(arm: str, scratch: str) -> dict[str, float]:
+    from benchmarks.event_queue import REDIS_URL, cleanup, start_worker
+
+    name = f"benchobs{uuid.uuid4().hex[:8]}"
+    metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=scratch)
+    env = arm_env(name, arm, metrics_dir)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    try:
+        figures = run_child("--paths", env)
+        cleanup(name, REDIS_URL)  # the queue publish path's messages: no worker was consuming them
+        worker = start_worker(name, REDIS_URL, env={**env, "BENCH_QUEUE_ROLE": "worker"}, include=__name__)
+        try:
+            figures.update(run_child("--worker-path", env))
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    finally:
+        cleanup(name, REDIS_URL)
+    return figures
+
+
+def main() -> int:
+    from benchmarks.event_queue import REDIS_URL, reachable
+
+    if not reachable(REDIS_URL):
+        print(f"Redis not reachable at {REDIS_URL}: skipped")
+        return 1
+    scratch = tempfile.mkdtemp(prefix="nocluster-bench-obs-")
+    os.environ["TMPDIR"] = scratch  # the worker's log and SQLite database
+    tempfile.tempdir = None
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    try:
+        for arm in ("off", "on", "on", "off") * ((PAIRS + 1) // 2):
+            runs[arm].append(one_arm(arm, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    pairs = len(runs["on"])
+    print(f"\nmetrics and tracing on vs off, Redis, {pairs} runs per arm in mirrored order (medians), SDK in both arms")
+    print(f"  {'path':<16} {'off /s':>10} {'on /s':>10} {'on / off':>9}")
+    worst = 1.0
+    for path in runs["off"][0]:
+        off = statistics.median(run[path] for run in runs["off"])
+        on = statistics.median(run[path] for run in runs["on"])
+        worst = min(worst, on / off)
+        print(f"  {path:<16} {off:>10.0f} {on:>10.0f} {on / off:>9.2f}")
+    print(f"  worst ratio {worst:.2f} (goal >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--paths"]:
+        measure_paths()
+    elif sys.argv[1:] == ["--worker-path"]:
+        measure_worker_path()
+    else:
+        sys.exit(main())
+elif os.environ.get("BENCH_QUEUE_ROLE") == "worker":
+    # In the worker path's Celery worker (``-I benchmarks.observability``): the channel, and the SDK.
+    import benchmarks.event_queue  # noqa: F401 (registers the bench channel)
+
+    set_up_sdk()
