@@ -4,7 +4,8 @@ against the same path with both off, in one run on the same servers (Redis as br
 Both arms run with OpenTelemetry's SDK set up (a tracer provider with a batch span processor and an exporter
 that drops the spans), and publish inside a request span (one per 100 messages), as a traced web node does: the
 arms differ only in what nocluster does, carrying the trace context and making its handler spans, and recording
-metrics (prometheus_client in multiprocess mode, files in a folder of this run).
+metrics (prometheus_client in multiprocess mode, files in a folder of this run). ``BENCH_OBS_SDK=0``: no SDK in
+either arm (OpenTelemetry's API only), which leaves what nocluster itself adds.
 
 Paths, each a fresh child process per arm and round, arms in mirrored order (off, on, on, off, ...), medians:
 
@@ -43,12 +44,17 @@ LOCKS = int(os.environ.get("BENCH_OBS_LOCKS", "2000"))
 RUNS = int(os.environ.get("BENCH_OBS_RUNS", "3000"))
 PAIRS = int(os.environ.get("BENCH_OBS_PAIRS", "2"))
 SPAN_EVERY = 100
+SDK = os.environ.get("BENCH_OBS_SDK", "1") != "0"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def set_up_sdk() -> Any:
-    """OpenTelemetry's SDK in this process: spans are made and batched, then dropped. Returns a tracer."""
+    """OpenTelemetry's SDK in this process: spans are made and batched, then dropped. Returns a tracer (the API's
+    no-op one, and no SDK, with ``BENCH_OBS_SDK=0``)."""
     from opentelemetry import trace
+
+    if not SDK:
+        return trace.get_tracer("benchmarks.observability")
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -173,7 +179,9 @@ def one_arm(arm: str, scratch: str) -> dict[str, float]:
     try:
         figures = run_child("--paths", env)
         cleanup(name, REDIS_URL)  # the queue publish path's messages: no worker was consuming them
-        worker = start_worker(name, REDIS_URL, env={**env, "BENCH_QUEUE_ROLE": "worker"}, include=__name__)
+        worker = start_worker(
+            name, REDIS_URL, env={**env, "BENCH_QUEUE_ROLE": "worker"}, include="benchmarks.observability"
+        )
         try:
             figures.update(run_child("--worker-path", env))
         finally:
@@ -203,7 +211,8 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     pairs = len(runs["on"])
-    print(f"\nmetrics and tracing on vs off, Redis, {pairs} runs per arm in mirrored order (medians), SDK in both arms")
+    sdk = "SDK in both arms" if SDK else "no SDK (API only)"
+    print(f"\nmetrics and tracing on vs off, Redis, {pairs} runs per arm in mirrored order (medians), {sdk}")
     print(f"  {'path':<16} {'off /s':>10} {'on /s':>10} {'on / off':>9}")
     worst = 1.0
     for path in runs["off"][0]:

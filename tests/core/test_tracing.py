@@ -77,3 +77,32 @@ def test_a_debounced_call_runs_in_the_context_it_was_saved_in(tracing_on: None) 
     with tracing.attached(saved):
         assert current_ids() == (span.get_span_context().trace_id, span.get_span_context().span_id)
     assert current_ids()[0] == 0
+
+
+def test_with_an_sdk_the_handler_span_is_a_consumer_child_of_the_publisher_and_records_what_it_raised(
+    tracing_on: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("nocluster"))
+    monkeypatch.setattr(tracing, "NO_SDK", ())  # this process's global provider stays the API's
+    with tracer.start_as_current_span("request") as request:
+        carried = tracing.carrier()
+
+    with pytest.raises(ValueError), tracing.consumer_span("process orders", carried, {"messaging.system": "nocluster"}):
+        raise ValueError("bad order")
+
+    [span] = exporter.get_finished_spans()
+    assert span.parent is not None and span.parent.span_id == request.get_span_context().span_id
+    assert (span.name, span.kind, span.attributes["messaging.system"]) == (
+        "process orders",
+        trace.SpanKind.CONSUMER,
+        "nocluster",
+    )
+    assert span.status.status_code.name == "ERROR" and "bad order" in (span.status.description or "")
+    assert [event.name for event in span.events] == ["exception"]
+    assert current_ids()[0] == 0  # the handler's context was detached
