@@ -34,7 +34,7 @@ from nocluster.models import FailedMessage
 from nocluster.queue.stats import ChannelStats
 
 if TYPE_CHECKING:
-    from nocluster.app import Application
+    from nocluster import Application
 
 # Seconds each backend gets to answer its ping; the pings run at once, so the page waits this long at most.
 PING_TIMEOUT = 1.0
