@@ -23,7 +23,7 @@ from tests.conftest import unique_name
 from tests.helpers import NodeProcess, wait_until
 from tests.pubsub.test_nodes import in_sync, nodes_behind_proxies, received
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
@@ -56,7 +56,7 @@ def cut_clusters(
     finally:
         for cluster, proxy, url in made:
             cluster.app.outbox.stop()
-            stop_workers(cluster.workers)
+            kill_workers(cluster.workers)
             cleanup(cluster, url)
             proxy.close()
 

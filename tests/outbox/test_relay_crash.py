@@ -17,7 +17,7 @@ from nocluster.models import OutboxMessage
 from tests.conftest import unique_name
 from tests.helpers import NodeProcess, wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 COUNT = 2000
@@ -33,7 +33,7 @@ def relay_cluster(worker_database_url: str, redis_url: str, transactional_db: No
         cluster.workers = start_workers([f"w1-{name}", f"w2-{name}"], env, include=cluster.include)
         yield cluster
     finally:
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, redis_url)
 
 

@@ -26,7 +26,7 @@ from settings.test import RUN_ID
 from tests.conftest import server_unavailable, unique_name
 from tests.helpers import wait_until
 from tests.queue import scenarios
-from tests.queue.workers import LIMIT_OPTIONS, QUEUE_LIMITS, Worker, start_workers, stop_workers
+from tests.queue.workers import LIMIT_OPTIONS, QUEUE_LIMITS, Worker, kill_workers, start_workers
 
 CELERY_BACKEND = "nocluster.queue.backends.celery.CeleryQueueBackend"
 IN_PROCESS = {
@@ -154,7 +154,7 @@ def _celery_cluster(broker: str, broker_url: str, database_url: str, redis_url: 
     try:
         yield result
     finally:
-        stop_workers(result.workers)
+        kill_workers(result.workers)
         cleanup(result, broker_url)
 
 

@@ -22,7 +22,7 @@ from tests.helpers import wait_until
 from tests.queue import scenarios
 from tests.queue.conftest import CELERY_BACKEND, Cluster, cleanup, cluster_env, kill_workers_until_recorded_failed
 from tests.queue.scenarios import of
-from tests.queue.workers import LIMIT_OPTIONS, start_workers, stop_workers
+from tests.queue.workers import LIMIT_OPTIONS, kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -140,7 +140,7 @@ def test_quorum_queues_on_rabbitmq_carry_work_and_retries(
                 arguments={"x-queue-type": "classic"},
             )
     finally:
-        stop_workers(quorum.workers)
+        kill_workers(quorum.workers)
         cleanup(quorum, amqp_url)
 
 

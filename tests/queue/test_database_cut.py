@@ -20,7 +20,7 @@ from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.scenarios import of
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
@@ -41,7 +41,7 @@ def cut_database(
         yield cluster, proxy
     finally:
         proxy.restore()
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, redis_url)
         proxy.close()
 

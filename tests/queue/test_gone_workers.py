@@ -41,7 +41,7 @@ from tests.queue.conftest import (
     kill_workers_until_recorded_failed,
 )
 from tests.queue.scenarios import of
-from tests.queue.workers import QUEUE_LIMITS, start_workers, stop_workers
+from tests.queue.workers import QUEUE_LIMITS, kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -242,7 +242,7 @@ def defaults_cluster(worker_database_url: str, redis_url: str) -> Iterator[Clust
     try:
         yield result
     finally:
-        stop_workers(result.workers)
+        kill_workers(result.workers)
         cleanup(result, redis_url)
 
 
@@ -258,7 +258,7 @@ def quick_cluster(worker_database_url: str, redis_url: str) -> Iterator[Cluster]
         for worker in result.workers:
             if worker.alive:
                 os.killpg(worker.pid, signal.SIGCONT)
-        stop_workers(result.workers)
+        kill_workers(result.workers)
         cleanup(result, redis_url)
 
 

@@ -22,7 +22,7 @@ from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.scenarios import of
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -48,7 +48,7 @@ def long_hop(request: pytest.FixtureRequest, worker_database_url: str, redis_url
     try:
         yield cluster
     finally:
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, broker_url)
 
 

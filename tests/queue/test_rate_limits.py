@@ -14,7 +14,7 @@ from nocluster.models import FailedMessage
 from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -34,7 +34,7 @@ def two_by_two(worker_database_url: str, redis_url: str) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, redis_url)  # the queues and every key of the project, the rate limit's too
 
 

@@ -12,7 +12,7 @@ from tests.conftest import unique_name
 from tests.helpers import wait_until
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.scenarios import of
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
@@ -37,7 +37,7 @@ def cut_worker(broker_url: str, worker_database_url: str, redis_url: str) -> Ite
         cluster.workers = start_workers([f"w-{name}"], env, include=cluster.include)
         yield cluster, proxy
     finally:
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, broker_url)
         proxy.close()
 

@@ -21,7 +21,7 @@ from tests.conftest import unique_name
 from tests.helpers import ROOT, wait_until
 from tests.queue import scenarios
 from tests.queue.conftest import IN_PROCESS, IN_PROCESS_OPTIONS, Cluster, celery_publisher, cleanup, cluster_env
-from tests.queue.workers import Worker, stop_workers
+from tests.queue.workers import Worker, kill_workers
 
 INCLUDE = "tests.queue.worker_scenarios"
 SIDES = ("left", "right")
@@ -109,7 +109,7 @@ def routed(worker_database_url: str, redis_url: str) -> Iterator[dict[str, Any]]
             worker.wait_ready()
         yield {"name": name, "env": env, "publisher": publisher, "workers": workers}
     finally:
-        stop_workers(workers)
+        kill_workers(workers)
         cleanup(Cluster(name, "redis", publisher), redis_url)
 
 

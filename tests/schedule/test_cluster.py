@@ -26,7 +26,7 @@ from django.db.models import Max
 from nocluster.models import ScheduleRun
 from tests.fixture_plugin.models import ScheduleTick
 from tests.helpers import NodeProcess, stop_nodes, wait_until
-from tests.queue.workers import QUEUE_LIMITS, Worker, start_workers, stop_workers
+from tests.queue.workers import QUEUE_LIMITS, Worker, kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -48,7 +48,7 @@ def workers(cluster_env: dict[str, str], app_name: str) -> Iterator[list[Worker]
     started = start_workers([f"w1-{app_name}", f"w2-{app_name}"], cluster_env, concurrency=1,
                             include="tests.schedule.cluster_scenario")  # fmt: skip
     yield started
-    stop_workers(started)
+    kill_workers(started)
 
 
 def runs(app_name: str, job: str) -> list[ScheduleRun]:

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import unique_name
 from tests.helpers import start_nodes, stop_nodes
 from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
-from tests.queue.workers import start_workers, stop_workers
+from tests.queue.workers import kill_workers, start_workers
 from tests.tracing import channels
 
 pytestmark = pytest.mark.cluster
@@ -27,7 +27,7 @@ def traced_cluster(worker_database_url: str, redis_url: str, transactional_db: N
         cluster.workers = start_workers([f"w1-{name}"], env, concurrency=2, include=cluster.include)
         yield cluster
     finally:
-        stop_workers(cluster.workers)
+        kill_workers(cluster.workers)
         cleanup(cluster, redis_url)
 
 
