@@ -170,10 +170,11 @@ def test_a_commit_does_not_wait_for_a_confirm_and_the_relay_sends_in_commit_orde
     node.outbox.start()
     backend = node.event_queue.backend
     backend.publish_waits = True  # as on RabbitMQ: each publish waits for the broker's confirm
-    release, batches = threading.Event(), []
+    entered, release, batches = threading.Event(), threading.Event(), []
     publish, publish_many = backend.publish, backend.publish_many
 
     def slow_publish(*args: Any, **kwargs: Any) -> None:
+        entered.set()
         assert release.wait(10), "never released"
         publish(*args, **kwargs)
 
@@ -188,6 +189,8 @@ def test_a_commit_does_not_wait_for_a_confirm_and_the_relay_sends_in_commit_orde
         for n in range(3):
             with transaction.atomic():
                 node.event_queue.publish("jobs", n)
+            if n == 0:
+                assert entered.wait(10), "the relay thread never sent the first commit's message"
         assert not release.is_set() and ran == [] and not node.outbox.wait_handed_off(0.05)
         # When it answers, the relay sends them in commit order, the two that waited in one batch
         release.set()
