@@ -1,6 +1,6 @@
 """A relay killed with kill -9 in the middle of a batch loses nothing, and no message runs twice.
 
-Real processes on Redis: a node that commits 2,000 messages in one transaction and is killed while its relay
+Real processes on Redis: a node that commits 1,000 messages in one transaction and is killed while its relay
 sends them (rows it sent but had not deleted yet are sent again), and two Celery workers whose nodes relay what
 is left and drop the second copies before they run. The node's sending thread stops for good once the broker
 took the first 500 (the scenario's ``freeze_after``), so the kill always lands between a send and its delete,
@@ -20,8 +20,8 @@ from tests.queue.conftest import Cluster, celery_publisher, cleanup, cluster_env
 from tests.queue.workers import kill_workers, start_workers
 
 pytestmark = pytest.mark.cluster
-COUNT = 2000
-SENT_BEFORE_THE_KILL = 500
+COUNT = 1000
+SENT_BEFORE_THE_KILL = 500  # a whole batch of publish_many (BATCH_SIZE)
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_no_copy_runs_twice(relay_clu
     cluster = relay_cluster
     node = NodeProcess("tests.outbox.scenario:handle", env=cluster.env).spawn().wait_ready(90)
     try:
-        # Given a node relaying the 2,000 messages it committed in one transaction
+        # Given a node relaying the 1,000 messages it committed in one transaction
         node.request({"cmd": "publish_in_transaction", "count": COUNT, "freeze_after": SENT_BEFORE_THE_KILL})
         wait_until(lambda: len(relayed(cluster)) >= 50, timeout=60, message="the first sent messages to run")
         # When it is killed with kill -9 after the broker took 500, before it deleted a row (the other nodes'
