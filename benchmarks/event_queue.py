@@ -134,6 +134,15 @@ def start_worker(
         )  # fmt: skip
 
 
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown of a worker started by :func:`start_worker`; kill -9 of its group after 30 s."""
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+
+
 def measure(name: str, broker_url: str) -> dict[str, dict[str, float]]:
     """Run the publishing side in a child process (its own Django settings), return its figures."""
     out = subprocess.run(
@@ -257,11 +266,7 @@ def main() -> int:
             report(broker, figures)
             failed |= any(row["lost"] for row in figures.values())
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+            stop_worker(worker)
             cleanup(name, url)
     return 1 if failed else 0
 

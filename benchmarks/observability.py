@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -170,7 +169,7 @@ def run_child(mode: str, env: dict[str, str]) -> dict[str, float]:
 
 
 def one_arm(arm: str, scratch: str) -> dict[str, float]:
-    from benchmarks.event_queue import REDIS_URL, cleanup, start_worker
+    from benchmarks.event_queue import REDIS_URL, cleanup, start_worker, stop_worker
 
     name = f"benchobs{uuid.uuid4().hex[:8]}"
     metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=scratch)
@@ -185,11 +184,7 @@ def one_arm(arm: str, scratch: str) -> dict[str, float]:
         try:
             figures.update(run_child("--worker-path", env))
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+            stop_worker(worker)
     finally:
         cleanup(name, REDIS_URL)
     return figures

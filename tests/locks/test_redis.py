@@ -251,6 +251,14 @@ def test_a_waiter_that_times_out_leaves_the_queue(redis_app: Application, redis_
     assert client.keys(f"*{redis_app.name}:lock:job*") == []
 
 
+def waiter_node(cluster_env: dict[str, str], key: str) -> NodeProcess:
+    """A node process that waits for ``key`` (ttl 1 s) until the test kills it."""
+    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    expr = f"app.lock_manager.acquire({key!r}, ttl=1.0, timeout=60).token"
+    threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
+    return node
+
+
 def request_until_killed(node: NodeProcess, expr: str) -> None:
     with contextlib.suppress(AssertionError):  # the node is killed before it replies
         node.request({"cmd": "eval", "expr": expr}, timeout=60)
@@ -263,10 +271,8 @@ def test_a_killed_waiter_delays_the_next_one_by_its_ttl_at_most(
     locks = redis_app.lock_manager
     # Given a holder, a waiter in a node process (ttl 1 s) and a waiter in this process behind it
     held = locks.acquire("job", ttl=60)
-    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    node = waiter_node(cluster_env, "job")
     try:
-        expr = "app.lock_manager.acquire('job', ttl=1.0, timeout=60).token"
-        threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
         wait_until(lambda: queue_length(client, redis_app, "job") == 1)
         with ThreadPoolExecutor(max_workers=1) as pool:
             waiting = pool.submit(locks.acquire, "job", 10, 30)
@@ -466,10 +472,8 @@ def test_a_waiter_in_a_killed_process_stops_counting_within_seconds(
     locks = redis_app.lock_manager
     # Given a holder, a waiter in a node process and a waiter in this process: both count, on any node
     held = locks.acquire("job", ttl=60)
-    node = NodeProcess(SCENARIO, env=cluster_env, start=False).spawn().wait_ready()
+    node = waiter_node(cluster_env, "job")
     try:
-        expr = "app.lock_manager.acquire('job', ttl=1.0, timeout=60).token"
-        threading.Thread(target=request_until_killed, args=(node, expr), name="dead-waiter", daemon=True).start()
         wait_until(lambda: locks.get_lock("job").waiting == 1, message="the node's waiter counted")
         with ThreadPoolExecutor(max_workers=1) as pool:
             waiting = pool.submit(locks.acquire, "job", 10, 60)
