@@ -92,16 +92,23 @@ def nodes(app: Application, now: datetime) -> list[dict[str, Any]]:
 # --- backends ---------------------------------------------------------------------------------------------------
 def backends(app: Application) -> list[dict[str, Any]]:
     """Each component's backend and whether it answered a ping within :data:`PING_TIMEOUT` seconds."""
-    names = app.backend_names()
-    checks: dict[str, tuple[str, Callable[[], object]]] = {
-        "database": (str(settings.DATABASES["default"]["ENGINE"]), _ping_database),
-        "cache": (names["cache"], lambda: app.cache.get("cluster-probe")),
-        "pubsub": (names["pubsub"], app.pub_sub_manager.backend.ping),
-        "event_queue": (names["event_queue"], app.event_queue.backend.ping),
-        "locks": (names["locks"], lambda: app.lock_manager.get_lock("cluster-probe")),
-    }
+    checks = backend_checks(app)
     answers = ping_all({name: check for name, (_, check) in checks.items()}, PING_TIMEOUT)
     return [{"name": name, "backend": backend, **answers[name]} for name, (backend, _) in checks.items()]
+
+
+def backend_checks(app: Application) -> dict[str, tuple[str, Callable[[], object]]]:
+    """Per component: its backend's name and a check that asks its server, through the component's own API. The
+    components are built here, in the calling thread, not by two probe threads at once."""
+    names = app.backend_names()
+    cache, lock_manager = app.cache, app.lock_manager
+    return {
+        "database": (str(settings.DATABASES["default"]["ENGINE"]), _ping_database),
+        "cache": (names["cache"], lambda: cache.get("cluster-probe")),
+        "pubsub": (names["pubsub"], app.pub_sub_manager.backend.ping),
+        "event_queue": (names["event_queue"], app.event_queue.backend.ping),
+        "locks": (names["locks"], lambda: lock_manager.get_lock("cluster-probe")),
+    }
 
 
 def _ping_database() -> None:

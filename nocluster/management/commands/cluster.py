@@ -4,45 +4,29 @@ consume each channel (and its rate limit), failed messages."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection
 
 from nocluster import app
+from nocluster.cluster_state import backend_checks, ping_all
 from nocluster.models import FailedMessage
 
-
-def probe(check: Callable[[], object]) -> dict[str, Any]:
-    try:
-        check()
-    except Exception as exc:
-        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    return {"reachable": True, "error": None}
+# Seconds the probes may take in all: longer than any client's own connect timeout (kombu's 2 s), so each
+# backend's own answer is what is reported.
+PROBE_TIMEOUT = 10.0
 
 
 def backends() -> dict[str, dict[str, Any]]:
-    """Each component's backend class and whether its server answers, through the component's own API. The
-    servers are asked at once (each probe waits out its own connect timeout; an unreachable one costs ~2 s)."""
-    names = app.backend_names()
-    cache, lock_manager = app.cache, app.lock_manager  # built here, not by two probe threads at once
-    checks: dict[str, Callable[[], object]] = {
-        "cache": lambda: cache.get("cluster-probe"),
-        "pubsub": app.pub_sub_manager.backend.ping,
-        "event_queue": app.event_queue.backend.ping,
-        "locks": lambda: lock_manager.get_lock("cluster-probe"),
-        "rate_limits": app.event_queue.rate_limiter.ping,
+    """Each component's backend class and whether its server answers, all asked at once (the Cluster page's
+    checks, and the rate limiter's)."""
+    checks = backend_checks(app)
+    checks["rate_limits"] = (app.backend_names()["rate_limits"], app.event_queue.rate_limiter.ping)
+    answers = ping_all({name: check for name, (_, check) in checks.items()}, PROBE_TIMEOUT)
+    return {
+        name: {"backend": backend, "reachable": answers[name]["ok"], "error": answers[name]["error"]}
+        for name, (backend, _) in checks.items()
     }
-    with ThreadPoolExecutor(len(checks), thread_name_prefix="cluster-probe") as pool:
-        probes = {name: pool.submit(probe, check) for name, check in checks.items()}
-        found = {
-            "database": {"backend": settings.DATABASES["default"]["ENGINE"], **probe(connection.ensure_connection)}
-        }
-        found.update({name: {"backend": names[name], **future.result()} for name, future in probes.items()})
-    return found
 
 
 def durability() -> list[str]:
