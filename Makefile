@@ -45,7 +45,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Dramatiq and pika only for the benchmarks (event_queue.py runs Dramatiq beside the event queue).
 bench: setup
+	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py
 
 clean:

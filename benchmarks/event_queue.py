@@ -9,11 +9,16 @@ task and the event queue channel, with the same worker settings (late ack, prefe
   worker's main process pays for a timer per task with limits: that is the price of stopping work that
   ignores its timeout, not of the event queue);
 - ``event_queue``: ``app.event_queue.publish``;
-- ``eq_many``: ``app.event_queue.publish_many`` in batches of 100 (``BENCH_QUEUE_BATCH``).
+- ``eq_many``: ``app.event_queue.publish_many`` in batches of 100 (``BENCH_QUEUE_BATCH``);
+- ``celery_default``: raw Celery as it comes, ``apply_async`` to its default worker (prefork, 2 processes, early
+  ack, prefetch 4), started beside ours (``benchmarks/_peers.py``);
+- ``dramatiq``: Dramatiq's ``actor.send`` to its default worker (a process per core, 8 threads each).
 
 Printed per broker and path: enqueue rate, throughput from the first enqueue to the last start,
-enqueue-to-start p50, lost and duplicated (rates averaged over the rounds), then the event queue's ratios
-against both raw paths (>= 0.9 is the target; 1.0 means as fast).
+enqueue-to-start p50, lost and duplicated (rates averaged over the rounds), CPU milliseconds per message summed
+over the processes involved (the publisher, the path's worker with its pool, the broker server), then the
+event queue's ratios against the raw paths and the issue's targets (publish() >= 3x apply_async's enqueue rate;
+end-to-end >= 1.0x raw Celery's default worker, publish_many >= 1.0x Dramatiq's; CPU <= 0.5x raw Celery's).
 
 Needs Redis (``REDIS_URL``) and RabbitMQ (``AMQP_URL``); a broker that is down is reported and skipped.
 """
@@ -43,7 +48,9 @@ from urllib.parse import urlsplit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N = int(os.environ.get("BENCH_QUEUE_MESSAGES", "10000"))
-KINDS = ("raw", "raw_limits", "event_queue", "eq_many")
+KINDS = ("raw", "raw_limits", "event_queue", "eq_many", "celery_default", "dramatiq")
+# The worker each path runs on: ours (the project's, which also serves raw Celery with our settings) or a peer's.
+WORKER_OF = {"celery_default": "celery_default", "dramatiq": "dramatiq"}
 BATCH = int(os.environ.get("BENCH_QUEUE_BATCH", "100"))
 # Channels the worker consumes (one carries the messages, the others stay idle), to see what more queues cost.
 CHANNELS = int(os.environ.get("BENCH_QUEUE_CHANNELS", "1"))
@@ -121,16 +128,34 @@ def child_env(name: str, broker_url: str) -> dict[str, str]:
 def start_worker(
     name: str, broker_url: str, env: dict[str, str] | None = None, include: str = "benchmarks.event_queue"
 ) -> subprocess.Popen[bytes]:
-    log = Path(tempfile.gettempdir()) / f"nocluster-bench-{name}.log"
+    """The project's worker (``celery -A nocluster.celery worker``), also consuming raw Celery's queue."""
     command = [
         sys.executable, "-m", "celery", "-A", "nocluster.celery", "worker", "-P", "prefork", "-c", str(PROCESSES),
         "-n", f"bench-{name}@%h", "-I", include, "-Q", f"{name}.raw",
         "--without-gossip", "--without-mingle", "-l", "WARNING",
     ]  # fmt: skip
+    return start_process(f"{name}", command, env or child_env(name, broker_url))
+
+
+def start_peer(peer: str, name: str, broker_url: str) -> subprocess.Popen[bytes]:
+    """A peer's default worker: raw Celery (the same pool size and flags as ours) or Dramatiq (no flags)."""
+    if peer == "celery_default":
+        command = [
+            sys.executable, "-m", "celery", "-A", "benchmarks._peers:celery_app", "worker", "-P", "prefork",
+            "-c", str(PROCESSES), "-n", f"default-{name}@%h", "--without-gossip", "--without-mingle", "-l", "WARNING",
+        ]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "dramatiq", "benchmarks._peers"]
+    return start_process(f"{name}-{peer}", command, child_env(name, broker_url))
+
+
+def start_process(label: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``command`` in a session of its own (its process group is what :mod:`benchmarks.cpu` counts), its output
+    in a log file in the temporary directory."""
+    log = Path(tempfile.gettempdir()) / f"nocluster-bench-{label}.log"
     with log.open("wb") as out:
         return subprocess.Popen(
-            command, cwd=ROOT, env=env or child_env(name, broker_url), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )  # fmt: skip
 
 
@@ -143,12 +168,13 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         os.killpg(worker.pid, signal.SIGKILL)
 
 
-def measure(name: str, broker_url: str) -> dict[str, dict[str, float]]:
-    """Run the publishing side in a child process (its own Django settings), return its figures."""
+def measure(name: str, broker_url: str, workers: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Run the publishing side in a child process (its own Django settings), return its figures. ``workers``: the
+    process group of each worker, by path (``ours`` for the project's), whose CPU time is counted."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.event_queue", "--publish", name],
         cwd=ROOT,
-        env=child_env(name, broker_url),
+        env={**child_env(name, broker_url), "BENCH_QUEUE_WORKERS": json.dumps(workers)},
         capture_output=True,
         text=True,
         timeout=1800,
@@ -163,14 +189,26 @@ def publish_and_wait() -> None:
     import django
 
     django.setup()
+    from benchmarks import _cpu as cpu
+    from benchmarks import _peers as peers
     from nocluster import app
 
     raw_task = register()
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+    workers = json.loads(os.environ["BENCH_QUEUE_WORKERS"])
+    broker = cpu.broker_pids(os.environ["BROKER_URL"])
     wait_for_worker()
+    for kind in WORKER_OF:
+        wait_for_peer(kind)
     # Two rounds in mirrored order, so no path always runs first or last.
     for kind in (*KINDS, *reversed(KINDS)):
         client().delete(done_key(kind))
+        worker = workers[WORKER_OF.get(kind, "ours")]
+
+        def cpu_now(worker: int = worker) -> float:
+            return cpu.self_cpu() + cpu.group_cpu(worker) + cpu.pids_cpu(broker)
+
+        cpu_before = cpu_now()
         started = time.time()
         if kind == "event_queue":
             sent = {i: (time.time(), app.event_queue.publish("bench", {"i": i}, timeout=15))[0] for i in range(N)}
@@ -181,13 +219,19 @@ def publish_and_wait() -> None:
                 at = time.time()
                 app.event_queue.publish_many("bench", batch, timeout=15)
                 sent.update((payload["i"], at) for payload in batch)
+        elif kind == "celery_default":
+            sent = {i: (time.time(), peers.default_noop.apply_async((i, kind)))[0] for i in range(N)}
+        elif kind == "dramatiq":
+            sent = {i: (time.time(), peers.dramatiq_noop.send(i, kind))[0] for i in range(N)}
         else:
             # raw_limits: the time limits the event queue sets for timeout=15 (soft 15 + grace, hard 15 + 2 grace)
             limits = {"soft_time_limit": 20, "time_limit": 25} if kind == "raw_limits" else {}
             queue = f"{app.name}.raw"
             sent = {i: (time.time(), raw_task.apply_async((i, kind), queue=queue, **limits))[0] for i in range(N)}
         enqueued = time.time()
-        runs[kind].append(collect(kind, sent, started, enqueued))
+        row = collect(kind, sent, started, enqueued)
+        row["cpu_ms"] = 1000 * (cpu_now() - cpu_before) / N
+        runs[kind].append(row)
     print(json.dumps({kind: combine(rows) for kind, rows in runs.items()}))
 
 
@@ -204,6 +248,21 @@ def wait_for_worker() -> None:
     while not client().llen(done_key("event_queue")):
         if time.time() > deadline:
             raise RuntimeError("the benchmark worker never ran a message")
+        time.sleep(0.2)
+
+
+def wait_for_peer(kind: str) -> None:
+    """Wait until the peer's worker ran one message (its start is not measured)."""
+    from benchmarks import _peers as peers
+
+    if kind == "celery_default":
+        peers.default_noop.apply_async((-1, kind))
+    else:
+        peers.dramatiq_noop.send(-1, kind)
+    deadline = time.time() + 120
+    while not client().llen(done_key(kind)):
+        if time.time() > deadline:
+            raise RuntimeError(f"the {kind} worker never ran a message")
         time.sleep(0.2)
 
 
@@ -234,21 +293,39 @@ def collect(kind: str, sent: dict[int, float], started: float, enqueued: float) 
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
     print(
         f"\n{broker}: {N} trivial messages per path and round, 2 rounds, 1 worker x {PROCESSES} prefork processes, "
-        f"{CHANNELS} channel(s) consumed"
+        f"{CHANNELS} channel(s) consumed; CPU: publisher + the path's worker + the broker"
     )
-    print(f"  {'path':<12} {'enqueue/s':>10} {'done/s':>10} {'p50 ms':>10} {'lost':>6} {'dup':>6}")
+    print(f"  {'path':<15} {'enqueue/s':>10} {'done/s':>10} {'p50 ms':>10} {'CPU ms':>8} {'lost':>6} {'dup':>6}")
     for kind, row in figures.items():
         print(
-            f"  {kind:<12} {row['enqueue_per_s']:>10.0f} {row['throughput_per_s']:>10.0f} "
-            f"{row['p50_ms']:>10.1f} {row['lost']:>6.0f} {row['duplicated']:>6.0f}"
+            f"  {kind:<15} {row['enqueue_per_s']:>10.0f} {row['throughput_per_s']:>10.0f} "
+            f"{row['p50_ms']:>10.1f} {row['cpu_ms']:>8.3f} {row['lost']:>6.0f} {row['duplicated']:>6.0f}"
         )
-    for kind, baseline in itertools.product(("event_queue", "eq_many"), ("raw", "raw_limits")):
+    for kind, baseline in itertools.product(("event_queue", "eq_many"), ("raw", "raw_limits", "celery_default")):
         ours, raw = figures[kind], figures[baseline]
         print(
             f"  {kind}/{baseline}: enqueue {ours['enqueue_per_s'] / raw['enqueue_per_s']:.2f}, "
             f"throughput {ours['throughput_per_s'] / raw['throughput_per_s']:.2f}, "
-            f"p50 latency {ours['p50_ms'] / raw['p50_ms']:.2f} (lower is better)"
+            f"CPU per message {ours['cpu_ms'] / raw['cpu_ms']:.2f}"
         )
+    ours, many = figures["event_queue"], figures["eq_many"]
+    raw, default, dramatiq = figures["raw"], figures["celery_default"], figures["dramatiq"]
+    print("  targets (issue 14):")
+    for label, value, goal, better in (
+        ("publish() enqueue / apply_async", ours["enqueue_per_s"] / raw["enqueue_per_s"], 3.0, "higher"),
+        ("publish() end-to-end / raw Celery default worker",
+         ours["throughput_per_s"] / default["throughput_per_s"], 1.0, "higher"),
+        ("publish_many() end-to-end / Dramatiq default worker",
+         many["throughput_per_s"] / dramatiq["throughput_per_s"], 1.0, "higher"),
+        ("publish_many() enqueue/s", many["enqueue_per_s"], 20_000.0 if broker == "redis" else 0.0, "higher"),
+        ("publish() CPU per message / raw Celery default", ours["cpu_ms"] / default["cpu_ms"], 0.5, "lower"),
+        ("publish_many() CPU per message / raw Celery default", many["cpu_ms"] / default["cpu_ms"], 0.5, "lower"),
+    ):  # fmt: skip
+        if not goal:
+            continue
+        met = value >= goal if better == "higher" else value <= goal
+        print(f"    {label}: {value:.2f} (goal {'>=' if better == 'higher' else '<='} {goal:g}: "
+              f"{'met' if met else 'NOT met'})")  # fmt: skip
 
 
 def main() -> int:
@@ -260,13 +337,15 @@ def main() -> int:
         name = f"bench{uuid.uuid4().hex[:8]}"
         # The nodes' tables (outbox, node registry) exist, as after manage.py migrate on a real node.
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=child_env(name, url), check=True)
-        worker = start_worker(name, url)
+        started = {"ours": start_worker(name, url)}
         try:
-            figures = measure(name, url)
+            started.update((peer, start_peer(peer, name, url)) for peer in WORKER_OF)
+            figures = measure(name, url, {path: worker.pid for path, worker in started.items()})
             report(broker, figures)
             failed |= any(row["lost"] for row in figures.values())
         finally:
-            stop_worker(worker)
+            for worker in started.values():
+                stop_worker(worker)
             cleanup(name, url)
     return 1 if failed else 0
 
@@ -279,8 +358,11 @@ def cleanup(name: str, url: str) -> None:
     try:
         with Connection(url) as conn:
             idle = [f"idle{extra}" for extra in range(1, CHANNELS)]
-            for queue in ("raw", "bench", "celery", *idle, *plugin_channels()):
+            for queue in ("raw", "bench", "celery", "default", *idle, *plugin_channels()):
                 Queue(f"{name}.{queue}")(conn.default_channel).delete()
+            if not url.startswith("redis"):  # Dramatiq's queue, its delay queue and its dead-letter queue
+                for queue in (f"{name}.dramatiq", f"{name}.dramatiq.DQ", f"{name}.dramatiq.XQ"):
+                    Queue(queue)(conn.default_channel).delete()
             if not url.startswith("redis"):
                 for exchange in rabbitmq_exchanges(f"{name}."):
                     conn.default_channel.exchange_delete(exchange)
