@@ -16,7 +16,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -58,6 +61,37 @@ def server_cannot_start(server: str, reason: str) -> None:
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test database, dropped at the end only once no other session holds it (PostgreSQL refuses
+    to drop a database in use, and the database would be left behind): a process or thread of the run still
+    connected after 10 s is named in a warning and its session ended."""
+    yield
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            end_other_sessions()
+        connection.close()
+
+
+def end_other_sessions(patience: float = 10.0) -> None:
+    sessions = """SELECT pid, client_port, application_name, state, left(query, 60) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+    deadline = time.monotonic() + patience
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(sessions)
+            others = cursor.fetchall()
+            if not others or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if others:
+            warnings.warn(f"sessions still on the test database after the run, ended: {others}", stacklevel=1)
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
 
 
 @pytest.fixture(scope="session")
