@@ -49,6 +49,8 @@ from urllib.parse import urlsplit  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 N = int(os.environ.get("BENCH_QUEUE_MESSAGES", "10000"))
 KINDS = ("raw", "raw_limits", "event_queue", "eq_many", "celery_default", "dramatiq")
+# BENCH_QUEUE_PATHS=event_queue,raw: only those paths (the ratios printed are those whose paths ran).
+KINDS = tuple(kind for kind in KINDS if kind in os.environ.get("BENCH_QUEUE_PATHS", ",".join(KINDS)).split(","))
 # The worker each path runs on: ours (the project's, which also serves raw Celery with our settings) or a peer's.
 WORKER_OF = {"celery_default": "celery_default", "dramatiq": "dramatiq"}
 BATCH = int(os.environ.get("BENCH_QUEUE_BATCH", "100"))
@@ -198,7 +200,7 @@ def publish_and_wait() -> None:
     workers = json.loads(os.environ["BENCH_QUEUE_WORKERS"])
     broker = cpu.broker_pids(os.environ["BROKER_URL"])
     wait_for_worker()
-    for kind in WORKER_OF:
+    for kind in WORKER_OF.keys() & set(KINDS):
         wait_for_peer(kind)
     # Two rounds in mirrored order, so no path always runs first or last.
     for kind in (*KINDS, *reversed(KINDS)):
@@ -302,12 +304,16 @@ def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
             f"{row['p50_ms']:>10.1f} {row['cpu_ms']:>8.3f} {row['lost']:>6.0f} {row['duplicated']:>6.0f}"
         )
     for kind, baseline in itertools.product(("event_queue", "eq_many"), ("raw", "raw_limits", "celery_default")):
+        if kind not in figures or baseline not in figures:
+            continue
         ours, raw = figures[kind], figures[baseline]
         print(
             f"  {kind}/{baseline}: enqueue {ours['enqueue_per_s'] / raw['enqueue_per_s']:.2f}, "
             f"throughput {ours['throughput_per_s'] / raw['throughput_per_s']:.2f}, "
             f"CPU per message {ours['cpu_ms'] / raw['cpu_ms']:.2f}"
         )
+    if not {"raw", "event_queue", "eq_many", "celery_default", "dramatiq"} <= figures.keys():
+        return  # the targets need these paths
     ours, many = figures["event_queue"], figures["eq_many"]
     raw, default, dramatiq = figures["raw"], figures["celery_default"], figures["dramatiq"]
     print("  targets (issue 14):")
@@ -339,7 +345,7 @@ def main() -> int:
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=child_env(name, url), check=True)
         started = {"ours": start_worker(name, url)}
         try:
-            started.update((peer, start_peer(peer, name, url)) for peer in WORKER_OF)
+            started.update((peer, start_peer(peer, name, url)) for peer in WORKER_OF if peer in KINDS)
             figures = measure(name, url, {path: worker.pid for path, worker in started.items()})
             report(broker, figures)
             failed |= any(row["lost"] for row in figures.values())

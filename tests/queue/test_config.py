@@ -29,21 +29,32 @@ def test_reliability_settings_are_forced(redis_url: str) -> None:
     conf = celery_app(redis_url).conf  # type: ignore[attr-defined]
 
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_retry_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_prefetch_multiplier == 2
     assert conf.worker_cancel_long_running_tasks_on_connection_loss
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.result_backend is None and conf.task_ignore_result
 
 
 def test_the_redis_visibility_timeout_is_derived_from_the_longest_timeout(redis_url: str) -> None:
-    # The longest life of an unacked message: retry delay (2) + 3 x (max timeout (6) + 2 x grace (1)) + margin (10)
+    # The longest life of an unacked message: retry delay (2) + 5 runs (2 prefetched, 2 countdowns and its own) x
+    # (max timeout (6) + 2 x grace (1)) + margin (10)
     limits = QueueLimits(**LIMIT_OPTIONS)
-    assert visibility_timeout(limits) == 2 + 3 * (6 + 2 * 1) + 10
+    assert visibility_timeout(limits) == 2 + 5 * (6 + 2 * 1) + 10
 
     # And the channel really uses it (celery#9339: a setting that is not picked up stays at 3600 s)
     with celery_app(redis_url).connection_for_write() as connection:  # type: ignore[attr-defined]
         assert connection.default_channel.visibility_timeout == visibility_timeout(limits)
         assert connection.default_channel.global_keyprefix == "cfg:"
+
+
+def test_a_worker_on_redis_acks_through_one_kept_client(redis_url: str) -> None:
+    # A worker's consumer connection (connection_for_read) sends its QoS and ack commands through the channel's
+    # one kept redis-py client, not a new client per command (redis/redis-py#3624)
+    with celery_app(redis_url).connection_for_read() as connection:  # type: ignore[attr-defined]
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.ping()
 
 
 def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:

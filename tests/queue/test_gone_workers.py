@@ -237,7 +237,7 @@ def default_cluster(broker_url: str, database_url: str, redis_url: str, env: dic
 
 @pytest.fixture
 def defaults_cluster(worker_database_url: str, redis_url: str) -> Iterator[Cluster]:
-    """Celery on Redis with every default (visibility timeout 1,001 s, gone_after 15 s, heartbeat 5 s)."""
+    """Celery on Redis with every default (visibility timeout 1,620 s, gone_after 15 s, heartbeat 5 s)."""
     result = default_cluster(redis_url, worker_database_url, redis_url, {})
     try:
         yield result
@@ -249,7 +249,7 @@ def defaults_cluster(worker_database_url: str, redis_url: str) -> Iterator[Clust
 @pytest.fixture(scope="module")
 def quick_cluster(worker_database_url: str, redis_url: str) -> Iterator[Cluster]:
     """Celery on Redis whose workers count as gone after 3 s without a beat (heartbeat 0.5 s); every other setting
-    is the default (a visibility timeout of 1,001 s: only the gone-worker restore brings a message back in time)."""
+    is the default (a visibility timeout of 1,620 s: only the gone-worker restore brings a message back in time)."""
     env = {"NOCLUSTER_HEARTBEAT": "0.5", "NOCLUSTER_NODE_GONE_AFTER": "3"}
     result = default_cluster(redis_url, worker_database_url, redis_url, env)
     try:
@@ -274,7 +274,7 @@ def test_a_killed_worker_s_message_runs_again_within_30_s_on_redis_with_the_defa
     defaults_cluster: Cluster, transactional_db: None
 ) -> None:
     cluster = defaults_cluster
-    # Given a 10 s message running on a worker, with every default (the visibility timeout is 1,001 s)
+    # Given a 10 s message running on a worker, with every default (the visibility timeout is 1,620 s)
     message_id = cluster.app.event_queue.publish("long", {"sleep": 10}, timeout=60)
     victim = cluster.worker_of(int(str(started_on(cluster, message_id)[0]["node"])))
     survivor = next(worker for worker in cluster.workers if worker is not victim)

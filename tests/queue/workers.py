@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.helpers import ROOT, wait_until
 
-# Short limits, so that timeouts, retries and the Redis visibility timeout (36 s) fit the test budget.
+# Short limits, so that timeouts, retries and the Redis visibility timeout (52 s) fit the test budget.
 QUEUE_LIMITS = {
     "NOCLUSTER_QUEUE_MAX_TIMEOUT": "6",
     "NOCLUSTER_QUEUE_GRACE": "1",

@@ -2,7 +2,7 @@
 whether work is lost or run twice, written once.
 
 Celery's defaults lose or repeat work (notes/python-stack.md §1), so these are forced over any ``CELERY_*``
-Django setting: JSON only, no result backend, late ack, reject and retry when a pool process is lost, prefetch 1,
+Django setting: JSON only, no result backend, late ack, reject and retry when a pool process is lost, prefetch 2,
 publisher confirms on RabbitMQ, long-running tasks cancelled when the broker connection is lost, and on Redis a
 ``visibility_timeout`` derived from the queue's limits, so a killed worker's message comes back long before
 Celery's hour and no message still running or waiting is handed out twice.
@@ -17,11 +17,16 @@ from celery import Celery
 from django.conf import settings
 
 from nocluster.durations import seconds
+from nocluster.queue.backends.redis_transport import OneClientTransport
 
 # Seconds added to the longest possible life of an unacked message before Redis hands it out again.
 VISIBILITY_MARGIN = 10.0
-# Unacked messages a worker may hold per pool process: one running, one waiting (a prefetched message, or a
-# retry/defer held until its countdown). Capped, so how long a message can stay unacked is bounded.
+# Messages a worker fetches ahead per pool process (worker_prefetch_multiplier): with 2, the next message is
+# already in the worker when a process frees, instead of a broker round trip after each ack (+4 % on Redis, +9 %
+# on RabbitMQ in benchmarks/event_queue.py, 2026-12-03). Bounded, so how long a message can stay unacked is too.
+PREFETCH_PER_PROCESS = 2
+# Countdown (ETA) messages a worker may hold per pool process beyond its prefetch (a retry or a deferral waiting
+# out its delay; worker_eta_task_limit). Capped for the same reason.
 HELD_PER_PROCESS = 2
 # Tasks after which Celery's Django fixup closes the database connections anyway (every 2 x this many).
 DB_REUSE_MAX = 1_000_000
@@ -66,12 +71,14 @@ def longest_delay(limits: QueueLimits) -> float:
 def visibility_timeout(limits: QueueLimits) -> float:
     """Seconds a message may stay unacked on Redis before the broker hands it out again.
 
-    A held message waits out its retry/defer delay, then queues behind at most the other held messages of the
-    worker (``HELD_PER_PROCESS`` per pool process: at most one more run each), then runs itself; a run lasts at
-    most timeout + 2 x grace (the hard limit). So: longest delay + 3 longest runs + a margin.
+    A held message waits out its retry/defer delay, then queues behind the other messages the worker holds: per
+    pool process at most ``PREFETCH_PER_PROCESS`` fetched ahead and ``HELD_PER_PROCESS`` countdown messages come
+    due, so at most that many runs each, and then runs itself; a run lasts at most timeout + 2 x grace (the hard
+    limit). So: longest delay + (PREFETCH_PER_PROCESS + HELD_PER_PROCESS + 1) longest runs + a margin.
     """
     longest_run = limits.max_timeout + 2 * limits.grace
-    return longest_delay(limits) + 3 * longest_run + VISIBILITY_MARGIN
+    runs = PREFETCH_PER_PROCESS + HELD_PER_PROCESS + 1
+    return longest_delay(limits) + runs * longest_run + VISIBILITY_MARGIN
 
 
 def is_redis(broker_url: str) -> bool:
@@ -111,6 +118,8 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
             **transport_options(broker_url, app_name, limits),
         },
         broker_connection_retry_on_startup=True,
+        # On Redis, each channel sends through one kept redis-py client (a worker's acks, a publisher's sends).
+        broker_transport=OneClientTransport if is_redis(broker_url) else None,
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -122,7 +131,7 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         task_reject_on_worker_lost=True,
         task_retry_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=PREFETCH_PER_PROCESS,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Keep the project's LOGGING (NOCLUSTER_LOG_FORMAT=json works in workers too).
         worker_hijack_root_logger=False,

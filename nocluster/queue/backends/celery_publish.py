@@ -5,8 +5,9 @@ exchange's bindings, one for the ``LPUSH``; building a client costs more than th
 Here, for every message the same Celery message as ``apply_async`` would send (``celery.app.amqp.as_task_v2``,
 protocol 2, JSON) goes out on a producer kept between calls, through the default exchange with the channel's queue
 as routing key (AMQP's default exchange, and kombu's anonymous exchange on Redis, deliver to the queue of that
-name: no binding lookup), and on Redis through a channel that keeps its one client. A stock Celery worker runs
-these messages as it runs ``apply_async``'s.
+name: no binding lookup), and on Redis through a channel that keeps its one client
+(:mod:`~nocluster.queue.backends.redis_transport`). A stock Celery worker runs these messages as it runs
+``apply_async``'s.
 
 :meth:`CeleryPublisher.publish` sends a batch: on Redis in one pipeline (kombu's ``Producer.batch``), on RabbitMQ
 on a channel in confirm mode with one wait for all the confirms.
@@ -30,9 +31,9 @@ from celery import Celery
 from kombu import Connection, Producer, Queue
 from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.serialization import dumps
-from kombu.transport import redis as kombu_redis
 
 from nocluster.queue.backends.celery_worker import TASK_NAME
+from nocluster.queue.backends.redis_transport import OneClientTransport
 from nocluster.queue.message import Message
 
 # How often a publish is tried again on a connection error, as apply_async's default retry policy.
@@ -41,29 +42,6 @@ RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "in
 IDLE_PRODUCERS = 10
 # Seconds to wait for RabbitMQ to confirm a batch (a socket timeout after it: the batch is not known queued).
 CONFIRM_TIMEOUT = 30.0
-
-
-class OneClientChannel(kombu_redis.Channel):
-    """kombu's Redis channel, sending through one redis-py client instead of building one per command."""
-
-    _kept_client: Any = None
-
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        if client:
-            yield client
-            return
-        if self._kept_client is None:
-            self._kept_client = self._create_client()
-        yield self._kept_client
-
-    def _after_fork(self) -> None:
-        self._kept_client = None
-        super()._after_fork()
-
-
-class OneClientTransport(kombu_redis.Transport):
-    Channel = OneClientChannel
 
 
 @dataclass

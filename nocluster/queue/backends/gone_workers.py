@@ -1,7 +1,7 @@
 """On Redis: which worker holds which delivery, and a gone worker's deliveries put back on their queues at once.
 
 kombu's Redis transport keeps every delivered, unacknowledged message in one hash (``unacked``) and hands it out
-again only once it is older than the visibility timeout, which must outlast the longest run (1,001 s with the
+again only once it is older than the visibility timeout, which must outlast the longest run (1,620 s with the
 default limits): a killed worker's message waited that long. Here:
 
 - Each worker keeps its deliveries in hashes of its own: kombu's ``unacked_key``, ``unacked_index_key`` and
