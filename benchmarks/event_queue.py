@@ -356,15 +356,16 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def cleanup(name: str, url: str) -> None:
-    """Delete the benchmark's queues (RabbitMQ keeps durable queues) and Redis keys; never a FLUSHDB."""
+def cleanup(name: str, url: str, channels: tuple[str, ...] = ("bench",)) -> None:
+    """Delete the benchmark's queues (RabbitMQ keeps durable queues) and Redis keys; never a FLUSHDB.
+    ``channels``: the benchmark's own event-queue channels."""
     import redis
     from kombu import Connection, Queue
 
     try:
         with Connection(url) as conn:
             idle = [f"idle{extra}" for extra in range(1, CHANNELS)]
-            for queue in ("raw", "bench", "celery", "default", *idle, *plugin_channels()):
+            for queue in ("raw", *channels, "celery", "default", *idle, *plugin_channels()):
                 Queue(f"{name}.{queue}")(conn.default_channel).delete()
             if not url.startswith("redis"):  # Dramatiq's queue, its delay queue and its dead-letter queue
                 for queue in (f"{name}.dramatiq", f"{name}.dramatiq.DQ", f"{name}.dramatiq.XQ"):

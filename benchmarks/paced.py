@@ -135,7 +135,7 @@ def run_broker(url: str) -> dict[str, dict[str, float]]:
     finally:
         if worker is not None:
             stop_worker(worker)
-        cleanup(name, url)
+        cleanup(name, url, channels=("paced",))
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -194,7 +194,8 @@ def delete_run_keys() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def delete_run_queues() -> Iterator[None]:
     """After the run, delete the RabbitMQ queues its projects declared: every channel any of them subscribes
-    (the plugins' and the test scenarios'), and Celery's default queue. Pub/sub queues expire by themselves."""
+    (the plugins' and the test scenarios'), Celery's default queue, and every other queue and exchange named after
+    one of its projects (pub/sub queues would expire by themselves, but a minute later)."""
     yield
     if not reachable(TEST_AMQP_URL, 5672) or not USED_NAMES:
         return
@@ -208,27 +209,33 @@ def delete_run_queues() -> Iterator[None]:
     )
     scenarios.register(probe)
     channels = {"celery", "raw", *app.event_queue.channels(), *probe.event_queue.channels()}
+    prefixes = tuple(f"{name}." for name in USED_NAMES)
     with Connection(TEST_AMQP_URL) as connection:
         channel = connection.default_channel
         for name in sorted(USED_NAMES):
             for queue in channels:
                 channel.queue_delete(f"{name}.{queue}")
-        # The exchanges too (Celery's and pub/sub's are durable): AMQP cannot list them, rabbitmqctl can.
-        prefixes = tuple(f"{name}." for name in USED_NAMES)
-        for exchange in rabbitmq_exchanges():
+        # Queues named after a process (the pub/sub queue of a killed node's or pool process's instance id, which
+        # would expire only a minute later) and the exchanges (Celery's and pub/sub's are durable): AMQP cannot
+        # list them, rabbitmqctl can.
+        for queue in rabbitmq_names("queues"):
+            if queue.startswith(prefixes):
+                channel.queue_delete(queue)
+        for exchange in rabbitmq_names("exchanges"):
             if exchange.startswith(prefixes):
                 channel.exchange_delete(exchange)
 
 
-def rabbitmq_exchanges() -> list[str]:
-    """The exchanges of the local RabbitMQ's default vhost (empty, with a note, if rabbitmqctl cannot tell)."""
+def rabbitmq_names(kind: str) -> list[str]:
+    """The names of the local RabbitMQ's ``kind`` (``queues`` or ``exchanges``) in its default vhost (empty, with
+    a note, if rabbitmqctl cannot tell)."""
     try:
         listed = subprocess.run(
-            ["rabbitmqctl", "list_exchanges", "-q", "--no-table-headers", "name"],
+            ["rabbitmqctl", f"list_{kind}", "-q", "--no-table-headers", "name"],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
-        print(f"exchanges of this run not deleted: rabbitmqctl: {exc}")
+        print(f"{kind} of this run not deleted: rabbitmqctl: {exc}")
         return []
     return listed.stdout.split()
 
