@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
+from urllib.parse import urlsplit
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -35,7 +36,7 @@ def group_cpu(pgid: int) -> float:
 
 def broker_pids(broker_url: str) -> list[int]:
     """The local broker server's processes: ``redis-server`` on the URL's port, or RabbitMQ's ``beam.smp``."""
-    port = broker_url.rsplit(":", 1)[-1].split("/", 1)[0] if broker_url.startswith("redis") else ""
+    port = str(urlsplit(broker_url).port or 6379) if broker_url.startswith("redis") else ""
     pids = []
     for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
         try:

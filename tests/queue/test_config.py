@@ -7,6 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from nocluster import Application
 from nocluster.queue.backends.celery_app import QueueLimits, visibility_timeout
+from nocluster.queue.backends.redis_transport import OneClientTransport, one_client_transport
 from tests.helpers import private_redis
 from tests.queue.conftest import CELERY_BACKEND
 from tests.queue.workers import LIMIT_OPTIONS
@@ -55,6 +56,16 @@ def test_a_worker_on_redis_acks_through_one_kept_client(redis_url: str) -> None:
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second
             assert first.ping()
+
+
+def test_rediss_and_redis_socket_urls_keep_kombu_s_own_transport() -> None:
+    # kombu turns TLS on for rediss:// only when it picks the transport by name: the one-client transport is for
+    # redis:// only (the worker's connections and the publisher's)
+    assert one_client_transport("redis://127.0.0.1:6379/0") is OneClientTransport
+    assert one_client_transport("rediss://127.0.0.1:6380/0") is None
+    assert one_client_transport("redis+socket:///run/redis.sock") is None
+    with celery_app("rediss://127.0.0.1:6380/0").connection_for_write() as connection:  # type: ignore[attr-defined]
+        assert connection.ssl
 
 
 def test_rabbitmq_publishes_with_confirms(amqp_url: str) -> None:

@@ -17,13 +17,13 @@ from celery import Celery
 from django.conf import settings
 
 from nocluster.durations import seconds
-from nocluster.queue.backends.redis_transport import OneClientTransport
+from nocluster.queue.backends.redis_transport import one_client_transport
 
 # Seconds added to the longest possible life of an unacked message before Redis hands it out again.
 VISIBILITY_MARGIN = 10.0
 # Messages a worker fetches ahead per pool process (worker_prefetch_multiplier): with 2, the next message is
-# already in the worker when a process frees, instead of a broker round trip after each ack (+4 % on Redis, +9 %
-# on RabbitMQ in benchmarks/event_queue.py, 2026-12-03). Bounded, so how long a message can stay unacked is too.
+# already in the worker when a process frees, instead of a broker round trip after each ack (+4 to +7 % on Redis,
+# +9 % on RabbitMQ in benchmarks/event_queue.py, 2026-12-03). Bounded, so how long a message can stay unacked is too.
 PREFETCH_PER_PROCESS = 2
 # Countdown (ETA) messages a worker may hold per pool process beyond its prefetch (a retry or a deferral waiting
 # out its delay; worker_eta_task_limit). Capped for the same reason.
@@ -119,7 +119,7 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         },
         broker_connection_retry_on_startup=True,
         # On Redis, each channel sends through one kept redis-py client (a worker's acks, a publisher's sends).
-        broker_transport=OneClientTransport if is_redis(broker_url) else None,
+        broker_transport=one_client_transport(broker_url),
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",

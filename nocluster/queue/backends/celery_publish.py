@@ -33,7 +33,7 @@ from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.serialization import dumps
 
 from nocluster.queue.backends.celery_worker import TASK_NAME
-from nocluster.queue.backends.redis_transport import OneClientTransport
+from nocluster.queue.backends.redis_transport import one_client_transport
 from nocluster.queue.message import Message
 
 # How often a publish is tried again on a connection error, as apply_async's default retry policy.
@@ -187,7 +187,7 @@ class CeleryPublisher:
         kept = self._take_kept()
         if kept is not None:
             return kept
-        transport = OneClientTransport if self.redis else None
+        transport = one_client_transport(self.celery_app.conf.broker_url)
         connection = self.celery_app.connection_for_write(transport=transport)
         try:
             # Connect within the publish retry policy: left to itself, the first use of a new connection retries

@@ -23,7 +23,7 @@ from celery.worker.consumer import Consumer
 
 from nocluster.db import close_this_thread_connections
 from nocluster.errors import MalformedMessage, NoclusterError
-from nocluster.queue.backends.celery_app import HELD_PER_PROCESS
+from nocluster.queue.backends.celery_app import HELD_PER_PROCESS, PREFETCH_PER_PROCESS
 from nocluster.queue.backends.celery_pause import PausedChannelsWatcher
 from nocluster.queue.backends.gone_workers import GoneWorkers
 from nocluster.queue.message import Message
@@ -149,9 +149,12 @@ def _consume(backend: WorkerBackend, celery_app: Celery, selected: set[str]) -> 
         queues = [queue for queue in queues if queue.name not in paused]
         for queue in queues:
             celery_app.amqp.queues.select_add(queue)
-        # Celery fetches countdown (ETA) messages beyond the prefetch window; cap what the worker holds so the
-        # visibility timeout covers every held message (read by the consumer when it starts, after this).
-        celery_app.conf.worker_eta_task_limit = HELD_PER_PROCESS * int(instance.concurrency or 1)
+        # Celery fetches countdown (ETA) messages beyond the prefetch window, raising its prefetch count for each
+        # up to worker_eta_task_limit, a cap on the whole count: prefetch + countdowns, so the visibility timeout
+        # covers every held message (read by the consumer when it starts, after this). A cap at the prefetch
+        # itself would leave no room, and Celery would lower the count for each countdown for good.
+        per_process = PREFETCH_PER_PROCESS + HELD_PER_PROCESS
+        celery_app.conf.worker_eta_task_limit = per_process * int(instance.concurrency or 1)
         backend.track_deliveries()
         logger.info("worker %s consumes event queue channels: %s", sender, ", ".join(q.name for q in queues) or "-")
 

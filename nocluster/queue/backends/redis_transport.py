@@ -29,10 +29,18 @@ class OneClientChannel(kombu_redis.Channel):
             self._kept_client = self._create_client()
         yield self._kept_client
 
-    def _after_fork(self) -> None:
+    def _disconnect_pools(self) -> None:
+        # The kept client belongs to the pools being disconnected: a later command gets a new one.
         self._kept_client = None
-        super()._after_fork()
+        super()._disconnect_pools()
 
 
 class OneClientTransport(kombu_redis.Transport):
     Channel = OneClientChannel
+
+
+def one_client_transport(broker_url: str) -> type[OneClientTransport] | None:
+    """The transport for ``broker_url``: this one for ``redis://``; None (kombu's choice from the URL) otherwise,
+    since kombu turns TLS on for ``rediss://`` only when it picks the transport by that name, and a
+    ``redis+socket://`` URL names its transport itself."""
+    return OneClientTransport if broker_url.startswith("redis://") else None
