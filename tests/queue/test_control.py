@@ -15,6 +15,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from nocluster.db import close_this_thread_connections
 from nocluster.models import CancelledMessage, ChannelState, UniqueMessage
 from tests.helpers import wait_until
 from tests.queue import scenarios
@@ -164,7 +165,12 @@ def test_concurrent_publishes_with_one_key_queue_one_message(queue: Cluster) -> 
 
     def publish() -> None:
         barrier.wait()
-        ids.append(queue.app.event_queue.publish("held", {}, timeout=5, unique_key="race"))
+        try:
+            ids.append(queue.app.event_queue.publish("held", {}, timeout=5, unique_key="race"))
+        finally:
+            # Each thread opened a database connection of its own: closed, not left until the garbage collector
+            # (20 per backend were still open at the end of a run, near PostgreSQL's max_connections).
+            close_this_thread_connections()
 
     threads = [threading.Thread(target=publish) for _ in range(20)]
     for thread in threads:
