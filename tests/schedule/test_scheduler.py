@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 from nocluster import UnknownChannel
+from nocluster.db import close_this_thread_connections
 from nocluster.errors import UnknownJob
 from nocluster.models import ScheduledJob, ScheduleRun
 from nocluster.schedule import PeriodicJob
@@ -50,9 +51,12 @@ def test_three_nodes_ticking_together_claim_each_slot_exactly_once(project: Proj
         barrier = threading.Barrier(len(indexes))
 
         def run(index: int) -> None:
-            for step in steps:
-                barrier.wait(10)
-                claimed[index] += len(nodes[index].scheduler.tick(at(step / 4 + offsets[index])))
+            try:
+                for step in steps:
+                    barrier.wait(10)
+                    claimed[index] += len(nodes[index].scheduler.tick(at(step / 4 + offsets[index])))
+            finally:
+                close_this_thread_connections()  # this thread's own connection, not left to the garbage collector
 
         threads = [threading.Thread(target=run, args=(index,)) for index in indexes]
         for thread in threads:
