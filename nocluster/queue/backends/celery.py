@@ -82,6 +82,10 @@ def redelivery_model() -> type[Redelivery]:
     return Redelivery
 
 
+# One quick retry when channel_stats connects: the figures are for a scrape or a page, which must not hang.
+STATS_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
 class CeleryQueueBackend(QueueBackend):
     """Options (keyword-only; durations in seconds, see :class:`~.celery_app.QueueLimits`):
     broker_url: ``amqp://...`` (RabbitMQ) or ``redis://...``.
@@ -186,8 +190,11 @@ class CeleryQueueBackend(QueueBackend):
             return int(declared.message_count)
 
     def channel_stats(self, full_channel: str) -> ChannelStats:
-        """Depth, oldest age (Redis) and consumers (RabbitMQ) of the channel's broker queue (:mod:`.celery_stats`)."""
+        """Depth, oldest age (Redis) and consumers (RabbitMQ) of the channel's broker queue (:mod:`.celery_stats`).
+        Raises at once (one quick retry) when the broker is unreachable: a scrape or the Cluster page does not wait
+        out kombu's connection retries (about 6 s) for each channel."""
         with self.celery_app.connection_for_read() as connection:
+            connection.ensure_connection(**STATS_RETRY_POLICY)
             if is_redis(self.broker_url):
                 return redis_stats(connection, full_channel)
             return amqp_stats(connection, full_channel)
