@@ -27,15 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlsplit, urlunsplit  # noqa: E402
 
-from benchmarks.event_queue import BROKERS, ROOT, cleanup, client, done_key, reachable, start_worker  # noqa: E402
+from benchmarks.event_queue import (  # noqa: E402
+    BROKERS,
+    ROOT,
+    cleanup,
+    client,
+    done_key,
+    reachable,
+    start_worker,
+    stop_worker,
+)
 
 N = int(os.environ.get("BENCH_OUTBOX_MESSAGES", "1000"))
 ROUNDS = int(os.environ.get("BENCH_OUTBOX_ROUNDS", "4"))
@@ -121,26 +130,52 @@ def publish_and_wait() -> None:
 
 # --- the driver -------------------------------------------------------------------------------------------------
 def run_broker(broker: str, url: str) -> dict[str, dict[str, float]]:
+    return run_on_fresh_database(url, "benchmarks.outbox")
+
+
+def run_on_fresh_database(
+    url: str,
+    module: str,
+    env_extra: dict[str, str] | None = None,
+    include: str = "benchmarks.event_queue",
+    prepare: Callable[[str], None] | None = None,
+    channels: tuple[str, ...] = ("bench",),
+    timeout: float = 1800,
+) -> dict[str, dict[str, float]]:
+    """On a fresh PostgreSQL database (migrated; ``prepare(database_url)`` after that) with one worker for broker
+    ``url`` (``-I include``): run ``python -m module --publish`` and return the figures it printed last (JSON).
+    Afterwards the worker is stopped, and the database, the queues of ``channels`` and the keys are deleted."""
     name = f"bench{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{name}"')
-    env = env_for(name, url)
+    env = {**env_for(name, url), **(env_extra or {})}
     worker = None
     try:
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        worker = start_worker(name, url, env)
+        if prepare is not None:
+            prepare(database_url(name))
+        worker = start_worker(name, url, env, include=include)
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.outbox", "--publish"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+            [sys.executable, "-m", module, "--publish"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(60)
-        cleanup(name, url)
+            stop_worker(worker)
+        cleanup(name, url, channels=channels)
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def for_each_broker(run_and_report: Callable[[str, str], None]) -> int:
+    """``run_and_report(broker, url)`` for each broker that answers, with PostgreSQL; the others are skipped."""
+    for broker, url in BROKERS.items():
+        if not reachable(url) or not reachable(SERVER_URL):
+            print(f"\n{broker}: {url} or PostgreSQL not reachable, skipped")
+            continue
+        run_and_report(broker, url)
+    return 0
 
 
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
@@ -160,12 +195,7 @@ def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
 
 
 def main() -> int:
-    for broker, url in BROKERS.items():
-        if not reachable(url) or not reachable(SERVER_URL):
-            print(f"\n{broker}: {url} or PostgreSQL not reachable, skipped")
-            continue
-        report(broker, run_broker(broker, url))
-    return 0
+    return for_each_broker(lambda broker, url: report(broker, run_broker(broker, url)))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import json  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 from typing import Any  # noqa: E402
 
 import psycopg  # noqa: E402
 
-from benchmarks.event_queue import BROKERS, ROOT, cleanup, reachable, start_worker, stop_worker  # noqa: E402
-from benchmarks.outbox import SERVER_URL, admin, database_url, env_for  # noqa: E402
+from benchmarks.outbox import for_each_broker, run_on_fresh_database  # noqa: E402
 
 RATES = [int(rate) for rate in os.environ.get("BENCH_PACED_RATES", "200,400,800").split(",")]
 SECONDS = float(os.environ.get("BENCH_PACED_SECONDS", "60"))
@@ -115,28 +112,15 @@ def publish_and_wait() -> None:
 
 # --- the driver -------------------------------------------------------------------------------------------------
 def run_broker(url: str) -> dict[str, dict[str, float]]:
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    admin(f'CREATE DATABASE "{name}"')
-    # The job is this module's (not benchmarks.event_queue's channel): only it is consumed beside the plugins'.
-    env = {**env_for(name, url), "BENCH_QUEUE_ROLE": "", "BENCH_PACED_ROLE": "worker"}
-    worker = None
-    try:
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        with psycopg.connect(database_url(name).replace("postgres://", "postgresql://", 1), autocommit=True) as conn:
+    def create_table(database: str) -> None:
+        with psycopg.connect(database.replace("postgres://", "postgresql://", 1), autocommit=True) as conn:
             conn.execute(f"CREATE TABLE {TABLE} (i integer, at float8)")
-        worker = start_worker(name, url, env, include="benchmarks.paced")
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.paced", "--publish"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=len(RATES) * (SECONDS + DRAIN_SECONDS + 60),
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-3000:])
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-    finally:
-        if worker is not None:
-            stop_worker(worker)
-        cleanup(name, url, channels=("paced",))
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    # The job is this module's (not benchmarks.event_queue's channel): only it is consumed beside the plugins'.
+    return run_on_fresh_database(
+        url, "benchmarks.paced", {"BENCH_QUEUE_ROLE": "", "BENCH_PACED_ROLE": "worker"}, include="benchmarks.paced",
+        prepare=create_table, channels=("paced",), timeout=len(RATES) * (SECONDS + DRAIN_SECONDS + 60),
+    )  # fmt: skip
 
 
 def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
@@ -151,12 +135,7 @@ def report(broker: str, figures: dict[str, dict[str, float]]) -> None:
 
 
 def main() -> int:
-    for broker, url in BROKERS.items():
-        if not reachable(url) or not reachable(SERVER_URL):
-            print(f"\n{broker}: {url} or PostgreSQL not reachable, skipped")
-            continue
-        report(broker, run_broker(url))
-    return 0
+    return for_each_broker(lambda broker, url: report(broker, run_broker(url)))
 
 
 if __name__ != "__main__" and os.environ.get("BENCH_PACED_ROLE") == "worker":
