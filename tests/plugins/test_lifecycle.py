@@ -9,6 +9,7 @@ import pytest
 
 from nocluster import Application, Plugin, PluginError
 from nocluster.plugin import plugin_class_of
+from tests.fixture_plugin.plugin import PAUSE_ENV
 from tests.helpers import start_nodes, stop_nodes
 
 
@@ -136,8 +137,9 @@ def test_install_runs_once_when_two_nodes_start_together(node_env: dict[str, str
     InstalledPlugin.objects.all().delete()
     InstallRun.objects.all().delete()
 
-    # When two node processes start at the same time (each installs plugins on start)
-    nodes = start_nodes(2, node_env, start=False)
+    # When two node processes start at the same time (each installs plugins on start, and waits half a second
+    # after its InstallRun row, so that a second install would overlap the first)
+    nodes = start_nodes(2, {**node_env, PAUSE_ENV: "0.5"}, start=False)
     try:
         # Then install() ran exactly once, on one of the two nodes, and is recorded as installed by it
         runs = list(InstallRun.objects.all())
