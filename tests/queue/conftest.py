@@ -129,9 +129,14 @@ def delete_keys(name: str) -> None:
         client.delete(key)
 
 
+# The shared clusters' workers count as gone after 4 s without a beat (heartbeat 1 s), so that a test killing one
+# on Redis waits about 5 s for its message to come back, not the defaults' 20 s (test_gone_workers.py tests those).
+SHARED_LIVENESS = {"NOCLUSTER_HEARTBEAT": "1", "NOCLUSTER_NODE_GONE_AFTER": "4"}
+
+
 def start_celery_cluster(broker: str, broker_url: str, database_url: str, redis_url: str) -> Cluster:
     name = unique_name("q")
-    env = cluster_env(name, broker_url, database_url, redis_url)
+    env = {**cluster_env(name, broker_url, database_url, redis_url), **SHARED_LIVENESS}
     result = Cluster(name, broker, celery_publisher(name, broker_url), env)
     result.workers = start_workers([f"w1-{name}", f"w2-{name}"], env, include=result.include)
     return result
