@@ -211,7 +211,6 @@ def delete_run_queues() -> Iterator[None]:
     )
     scenarios.register(probe)
     channels = {"celery", "raw", *app.event_queue.channels(), *probe.event_queue.channels()}
-    prefixes = tuple(f"{name}." for name in USED_NAMES)
     with Connection(TEST_AMQP_URL) as connection:
         channel = connection.default_channel
         for name in sorted(USED_NAMES):
@@ -221,11 +220,18 @@ def delete_run_queues() -> Iterator[None]:
         # would expire only a minute later) and the exchanges (Celery's and pub/sub's are durable): AMQP cannot
         # list them, rabbitmqctl can.
         for queue in rabbitmq_names("queues"):
-            if queue.startswith(prefixes):
+            if named_after_a_project(queue):
                 channel.queue_delete(queue)
         for exchange in rabbitmq_names("exchanges"):
-            if exchange.startswith(prefixes):
+            if named_after_a_project(exchange):
                 channel.exchange_delete(exchange)
+
+
+def named_after_a_project(name: str) -> bool:
+    """Whether a RabbitMQ name has one of this run's project names as a dotted part: ``<project>.celery``,
+    ``<project>.<instance id>``, Celery's ``reply.<project>.control.pidbox`` and a worker's
+    ``<worker>@<host>.<project>.control.pidbox``."""
+    return not USED_NAMES.isdisjoint(name.split("."))
 
 
 def rabbitmq_names(kind: str) -> list[str]:

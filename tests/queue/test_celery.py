@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -142,6 +143,21 @@ def test_quorum_queues_on_rabbitmq_carry_work_and_retries(
     finally:
         kill_workers(quorum.workers)
         cleanup(quorum, amqp_url)
+
+
+def test_remote_control_uses_the_project_s_own_exchange_and_reaches_its_workers(cluster: Cluster) -> None:
+    # Given the project's Celery app (what `celery -A nocluster.celery inspect ping` uses)
+    celery_app = cluster.app.event_queue.backend.celery_app  # type: ignore[attr-defined]
+
+    # Then its control commands go through an exchange named after the project, not Celery's celery.pidbox that
+    # every project on the vhost shares (a `control shutdown` there stops the workers of all), and its events too
+    assert celery_app.control.mailbox.exchange.name == f"{cluster.name}.control.pidbox"
+    assert celery_app.conf.event_exchange == f"{cluster.name}.events"
+
+    # And the project's workers listen there: a ping gets both of them
+    expected = sorted(f"{worker.name}@{socket.gethostname()}" for worker in cluster.workers)
+    replies = celery_app.control.ping(timeout=10, limit=len(expected))
+    assert sorted(hostname for reply in replies for hostname in reply) == expected
 
 
 def test_a_killed_worker_s_message_completes_on_another_worker(cluster: Cluster) -> None:

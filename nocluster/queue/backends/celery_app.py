@@ -141,6 +141,12 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         # (close_old_connections: CONN_MAX_AGE and unusable connections), so Celery's closing is turned off.
         CELERY_DB_REUSE_MAX=DB_REUSE_MAX,
         task_default_queue=f"{app_name}.celery",
+        # Remote control (``celery -A nocluster.celery inspect/control``) and events on the project's own exchanges:
+        # Celery's defaults (``celery.pidbox``, ``celeryev``) are shared by every project on the vhost, so a
+        # ``control shutdown`` or a ``revoke`` of one project would reach the workers of all.
+        control_exchange=f"{app_name}.control",
+        event_exchange=f"{app_name}.events",
+        event_queue_prefix=f"{app_name}.events",
         # Reconnects to the broker every second at most, instead of Celery's 2, 4, 6... up to 30 s.
         worker_consumer="nocluster.queue.backends.celery_worker:QuickReconnectConsumer",
     )
