@@ -163,9 +163,10 @@ def channels(app: Application) -> list[dict[str, Any]]:
     paused = set(queue.paused_channels(fresh=True))
     failed = _count_by_channel(FailedMessage.objects.filter(app_name=app.name))
     running = _running_tasks_by_channel()
+    stats_of = all_channel_stats(app)
     rows = []
     for channel in queue.channels():
-        stats = channel_stats(app, channel)
+        stats = stats_of.get(channel, ChannelStats(None))
         rows.append(
             {
                 "name": channel,
@@ -183,12 +184,13 @@ def channels(app: Application) -> list[dict[str, Any]]:
 TASK_CHANNEL_PREFIX = "tasks."  # tasks.api.CHANNEL_PREFIX (not imported: nocluster does not depend on tasks)
 
 
-def channel_stats(app: Application, channel: str) -> ChannelStats:
-    """``channel``'s depth, oldest age and consumers, all None when the backend cannot be reached."""
+def all_channel_stats(app: Application) -> dict[str, ChannelStats]:
+    """Every channel's depth, oldest age and consumers, read together; none when the backend cannot be reached
+    (each channel's are then all None)."""
     try:
-        return app.event_queue.channel_stats(channel)
+        return app.event_queue.all_channel_stats()
     except Exception:
-        return ChannelStats(None)
+        return {}
 
 
 def _count_by_channel(rows: Any) -> dict[str, int]:

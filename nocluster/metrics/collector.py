@@ -21,9 +21,7 @@ logger = logging.getLogger("nocluster.metrics")
 
 
 class QueueSource(Protocol):
-    def channels(self) -> list[str]: ...
-
-    def channel_stats(self, channel: str) -> ChannelStats: ...
+    def all_channel_stats(self) -> dict[str, ChannelStats]: ...
 
 
 class OutboxSource(Protocol):
@@ -34,7 +32,7 @@ class ClusterCollector(Collector):
     """Gauges of the event queue's channels, the outbox and the node registry.
 
     Parameters:
-      queue: the event queue (its subscribed channels and :meth:`~nocluster.queue.EventQueue.channel_stats`).
+      queue: the event queue (:meth:`~nocluster.queue.EventQueue.all_channel_stats`: every subscribed channel).
       outbox: the outbox (``backlog()``).
       nodes: returns the registered nodes, each a dict with ``role`` and ``state`` (the node registry's ``nodes``).
     """
@@ -66,8 +64,7 @@ class ClusterCollector(Collector):
             "nocluster_queue_consumers", "Consumers of the channel's queue (as the backend counts them)",
             labels=["channel"],
         )  # fmt: skip
-        for channel in self.queue.channels():
-            stats = self.queue.channel_stats(channel)
+        for channel, stats in self.queue.all_channel_stats().items():
             for family, value in ((depth, stats.depth), (age, stats.oldest_age), (consumers, stats.consumers)):
                 if value is not None:
                     family.add_metric([channel], value)

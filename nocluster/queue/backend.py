@@ -179,6 +179,11 @@ class QueueBackend(ABC):
         """
         return ChannelStats(self.depth(full_channel))
 
+    def all_channel_stats(self, full_channels: Sequence[str]) -> dict[str, ChannelStats]:
+        """:meth:`channel_stats` of each of ``full_channels``, read together where the backend can (a scrape or the
+        Cluster page asks for every channel at once). Raises if the backend cannot be reached."""
+        return {full_channel: self.channel_stats(full_channel) for full_channel in full_channels}
+
     def ping(self) -> None:  # noqa: B027 (in-process backends have no server to reach)
         """Raise if this backend's server cannot be reached (for ``manage.py cluster``)."""
 

@@ -181,6 +181,13 @@ class EventQueue(Component):
         self.subscription(channel)
         return self.backend.channel_stats(self.full_channel(channel))
 
+    def all_channel_stats(self) -> dict[str, ChannelStats]:
+        """:meth:`channel_stats` of every subscribed channel, read together (on Celery over one broker connection,
+        on Redis in one round trip). Raises if the backend cannot be reached."""
+        full = {channel: self.full_channel(channel) for channel in self.channels()}
+        stats = self.backend.all_channel_stats(list(full.values()))
+        return {channel: stats[full_channel] for channel, full_channel in full.items()}
+
     # --- publishing ---------------------------------------------------------------------------------------
     def publish(
         self,

@@ -105,6 +105,38 @@ def test_channel_stats_of_the_celery_backend(celery_app: Application) -> None:
         assert stats.oldest_age is None and stats.consumers == 0
 
 
+def test_every_channel_s_stats_are_read_over_one_broker_connection(celery_app: Application) -> None:
+    # Given three channels, two with messages waiting
+    queue = celery_app.event_queue
+    redis = queue.backend.broker_url.startswith("redis")
+    for channel in ("mail", "export"):
+        queue.subscribe(channel, lambda payload, context: None)
+    queue.publish_many("jobs", [1, 2, 3])
+    queue.publish("mail", {"to": "a"})
+    broker_app = queue.backend.celery_app
+    opened = []
+    connection_for_read = broker_app.connection_for_read
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return connection_for_read(*args, **kwargs)
+
+    broker_app.connection_for_read = counted
+    try:
+        # When a scrape reads them all
+        stats = queue.all_channel_stats()
+    finally:
+        del broker_app.connection_for_read
+
+    # Then each has its own figures, and they came over one connection (a scrape no longer opens one per channel)
+    assert {channel: row.depth for channel, row in stats.items()} == {"jobs": 3, "mail": 1, "export": 0}
+    assert stats["export"] == ChannelStats(0, None, None if redis else 0)
+    assert len(opened) == 1
+    with Connection(queue.backend.broker_url) as connection:
+        for channel in ("mail", "export"):
+            celery_queue(queue.full_channel(channel))(connection.default_channel).delete()
+
+
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
 def test_channel_stats_fail_at_once_when_the_broker_is_unreachable(scheme: str, app_name: str) -> None:
     # Given a Celery backend whose broker port has no server (connections are refused)

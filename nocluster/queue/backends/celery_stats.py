@@ -1,8 +1,9 @@
 """``channel_stats`` of the Celery backend, one strategy per broker.
 
 - Redis: kombu keeps a queue as a list (``LPUSH`` in, ``BRPOP`` out), so the oldest waiting message is the last
-  element: one pipeline reads the length and peeks at it (nothing is taken) for its ``published_at``. Consumers
-  are unknown (Redis does not count list readers). Messages a worker prefetched are neither waiting nor counted.
+  element: one pipeline reads every channel's length and peeks at its last element (nothing is taken) for its
+  ``published_at``. Consumers are unknown (Redis does not count list readers). Messages a worker prefetched are
+  neither waiting nor counted.
 - RabbitMQ: a passive ``queue_declare`` answers the queue's ready messages and consumer count; a queue not
   declared yet has neither. The age of the oldest is unknown (reading it would take it off the queue).
 """
@@ -14,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kombu import Connection
@@ -24,15 +26,19 @@ from nocluster.queue.stats import ChannelStats
 logger = logging.getLogger("nocluster.queue.celery")
 
 
-def redis_stats(connection: Connection, full_channel: str) -> ChannelStats:
-    """Depth and oldest age of ``full_channel``'s list (the project's ``global_keyprefix`` added)."""
+def redis_stats(connection: Connection, full_channels: Sequence[str]) -> dict[str, ChannelStats]:
+    """Depth and oldest age of each of ``full_channels``' lists (the project's ``global_keyprefix`` added), in one
+    pipeline."""
     client, prefix = plain_client(connection)
-    key = prefix + full_channel
     with client.pipeline(transaction=False) as pipe:
-        pipe.llen(key)
-        pipe.lindex(key, -1)
-        depth, oldest = pipe.execute()
-    return ChannelStats(int(depth), None if oldest is None else age_of(oldest))
+        for full_channel in full_channels:
+            pipe.llen(prefix + full_channel)
+            pipe.lindex(prefix + full_channel, -1)
+        replies = pipe.execute()
+    return {
+        full_channel: ChannelStats(int(depth), None if oldest is None else age_of(oldest))
+        for full_channel, depth, oldest in zip(full_channels, replies[::2], replies[1::2], strict=True)
+    }
 
 
 def age_of(raw: bytes | str) -> float | None:
