@@ -53,13 +53,28 @@ def enabled() -> bool:
     return _enabled
 
 
+# The last carrier made, with the span context and propagator it was made from: the publishes of one request
+# (one span) carry the same headers, and an inject costs more than the rest of carrier() (~5 µs against ~1 µs).
+_last_carrier: tuple[Any, Any, dict[str, str]] = (None, None, {})
+
+
 def carrier() -> dict[str, str]:
     """The current trace context as W3C headers, or ``{}`` outside a trace (or when tracing is off)."""
-    if not _enabled or not trace.get_current_span().get_span_context().is_valid:
+    global _last_carrier
+    if not _enabled:
         return {}
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    propagator = propagate.get_global_textmap()
+    last_context, last_propagator, last_headers = _last_carrier
+    if span_context is last_context and propagator is last_propagator:
+        return dict(last_headers)
     headers: dict[str, str] = {}
     propagate.inject(headers)
-    return {name: headers[name] for name in FIELDS if name in headers}
+    made = {name: headers[name] for name in FIELDS if name in headers}
+    _last_carrier = (span_context, propagator, made)
+    return dict(made)
 
 
 def from_wire(value: object) -> dict[str, str]:

@@ -50,6 +50,29 @@ def test_a_message_published_in_a_span_carries_its_w3c_context_and_its_handler_c
         assert current_ids() == (context.trace_id, context.span_id)
 
 
+def test_each_span_carries_its_own_context_and_the_carrier_is_the_caller_s_to_change(tracing_on: None) -> None:
+    # The carrier of a span is made once and kept for its next publishes: a nested or a later span of the same
+    # trace, and a later trace, each get their own
+    def parent_id(carried: dict[str, str]) -> str:
+        return carried["traceparent"].split("-")[2]
+
+    with tracer.start_as_current_span("request") as request:
+        first = tracing.carrier()
+        first["traceparent"] = "changed by the caller"
+        again = tracing.carrier()
+        with tracer.start_as_current_span("child") as child:
+            nested = tracing.carrier()
+        after_child = tracing.carrier()
+    with tracer.start_as_current_span("next request") as later:
+        other = tracing.carrier()
+
+    assert parent_id(again) == parent_id(after_child) == f"{request.get_span_context().span_id:016x}"
+    assert parent_id(nested) == f"{child.get_span_context().span_id:016x}"
+    assert parent_id(other) == f"{later.get_span_context().span_id:016x}"
+    assert other["traceparent"].split("-")[1] != again["traceparent"].split("-")[1]
+    assert tracing.carrier() == {}  # outside any span
+
+
 def test_outside_a_span_or_when_off_nothing_is_carried_and_the_wire_is_unchanged(tracing_on: None) -> None:
     assert tracing.carrier() == {}
     assert "trace" not in Envelope("a" * 32, {"n": 1}).to_wire()
