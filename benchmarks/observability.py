@@ -184,18 +184,23 @@ def measure_interleaved() -> None:
     lock = lambda i: app.lock_manager.acquire("bench", ttl=5).release()  # noqa: E731
     publish = lambda i: app.event_queue.publish("bench", {"i": i})  # noqa: E731
     received = [0]
+    block = [0]  # the block being measured: a late message of an earlier one (or of the warm-up) is not counted
     block_done = threading.Event()
 
     def on_message(message: Any) -> None:
+        if message.get("block") != block[0]:
+            return
         received[0] += 1
         if received[0] >= BLOCK:
             block_done.set()
 
     def pubsub_block() -> float:
+        block[0] += 1
         received[0] = 0
         block_done.clear()
         started = time.perf_counter()
-        in_spans(tracer, BLOCK, lambda i: app.pub_sub_manager.publish("bench", {"i": i}, skip_self=False))
+        payload = {"block": block[0]}
+        in_spans(tracer, BLOCK, lambda i: app.pub_sub_manager.publish("bench", {**payload, "i": i}, skip_self=False))
         if not block_done.wait(60):
             raise RuntimeError(f"pub/sub: {received[0]} of {BLOCK} received")
         return time.perf_counter() - started
@@ -205,7 +210,7 @@ def measure_interleaved() -> None:
     try:
         deadline = time.monotonic() + 30
         while received[0] == 0 and time.monotonic() < deadline:  # bound once a first message comes back
-            app.pub_sub_manager.publish("bench", {"i": -1}, skip_self=False)
+            app.pub_sub_manager.publish("bench", {"block": 0, "i": -1}, skip_self=False)
             time.sleep(0.05)
         figures = {"pubsub": interleaved(arms, pubsub_block)}
     finally:

@@ -186,7 +186,7 @@ TASK_CHANNEL_PREFIX = "tasks."  # tasks.api.CHANNEL_PREFIX (not imported: noclus
 
 def all_channel_stats(app: Application) -> dict[str, ChannelStats]:
     """Every channel's depth, oldest age and consumers, read together; none when the backend cannot be reached
-    (each channel's are then all None)."""
+    or any channel's read fails (they share one connection: every channel's figures are then shown unknown)."""
     try:
         return app.event_queue.all_channel_stats()
     except Exception:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -228,10 +229,10 @@ def delete_run_queues() -> Iterator[None]:
 
 
 def named_after_a_project(name: str) -> bool:
-    """Whether a RabbitMQ name has one of this run's project names as a dotted part: ``<project>.celery``,
-    ``<project>.<instance id>``, Celery's ``reply.<project>.control.pidbox`` and a worker's
-    ``<worker>@<host>.<project>.control.pidbox``."""
-    return not USED_NAMES.isdisjoint(name.split("."))
+    """Whether a RabbitMQ name has one of this run's project names as a part between dots or colons:
+    ``<project>.celery``, ``<project>.<instance id>``, Celery's ``<project>:control.pidbox``,
+    ``reply.<project>:control.pidbox``, a worker's ``<worker>@<host>.<project>:control.pidbox``."""
+    return not USED_NAMES.isdisjoint(re.split(r"[.:]", name))
 
 
 def rabbitmq_names(kind: str) -> list[str]:

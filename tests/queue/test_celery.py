@@ -150,9 +150,12 @@ def test_remote_control_uses_the_project_s_own_exchange_and_reaches_its_workers(
     celery_app = cluster.app.event_queue.backend.celery_app  # type: ignore[attr-defined]
 
     # Then its control commands go through an exchange named after the project, not Celery's celery.pidbox that
-    # every project on the vhost shares (a `control shutdown` there stops the workers of all), and its events too
-    assert celery_app.control.mailbox.exchange.name == f"{cluster.name}.control.pidbox"
-    assert celery_app.conf.event_exchange == f"{cluster.name}.events"
+    # every project on the vhost shares (a `control shutdown` there stops the workers of all), and its events too;
+    # neither can be the exchange of a channel ({name}.{channel}: a channel may be called "events")
+    assert celery_app.control.mailbox.exchange.name == f"{cluster.name}:control.pidbox"
+    assert celery_app.conf.event_exchange == f"{cluster.name}:events"
+    channel_exchanges = {cluster.app.event_queue.full_channel(name) for name in ("events", "control.pidbox")}
+    assert not channel_exchanges & {celery_app.conf.event_exchange, celery_app.control.mailbox.exchange.name}
 
     # And the project's workers listen there: a ping gets both of them
     expected = sorted(f"{worker.name}@{socket.gethostname()}" for worker in cluster.workers)

@@ -197,6 +197,8 @@ class CeleryQueueBackend(QueueBackend):
 
     def all_channel_stats(self, full_channels: Sequence[str]) -> dict[str, ChannelStats]:
         """Every channel's stats over one broker connection (on Redis in one round trip), not one per channel."""
+        if not full_channels:
+            return {}  # nothing to read: no connection either
         with self.celery_app.connection_for_read() as connection:
             connection.ensure_connection(**STATS_RETRY_POLICY)
             if is_redis(self.broker_url):

@@ -143,10 +143,12 @@ def build_celery_app(broker_url: str, app_name: str, limits: QueueLimits, extra:
         task_default_queue=f"{app_name}.celery",
         # Remote control (``celery -A nocluster.celery inspect/control``) and events on the project's own exchanges:
         # Celery's defaults (``celery.pidbox``, ``celeryev``) are shared by every project on the vhost, so a
-        # ``control shutdown`` or a ``revoke`` of one project would reach the workers of all.
-        control_exchange=f"{app_name}.control",
-        event_exchange=f"{app_name}.events",
-        event_queue_prefix=f"{app_name}.events",
+        # ``control shutdown`` or a ``revoke`` of one project would reach the workers of all. A colon after the
+        # name, not a dot: channel exchanges are ``{app_name}.{channel}``, and a channel named "events" must not
+        # meet Celery's event exchange (another exchange type under one name).
+        control_exchange=f"{app_name}:control",
+        event_exchange=f"{app_name}:events",
+        event_queue_prefix=f"{app_name}:events",
         # Reconnects to the broker every second at most, instead of Celery's 2, 4, 6... up to 30 s.
         worker_consumer="nocluster.queue.backends.celery_worker:QuickReconnectConsumer",
     )
