@@ -3,9 +3,14 @@ broker: ordinary Celery protocol-2 task messages, in order, and a batch RabbitMQ
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import redis
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Queue
 
@@ -75,6 +80,71 @@ def test_messages_go_out_as_celery_task_messages_in_order(project: Project, coun
         assert headers["timelimit"] == [25.0, 20.0]
         assert body[1] == {} and set(body[2]) == {"callbacks", "errbacks", "chain", "chord"}  # type: ignore[index]
         assert body[0][0]["channel"] == "work" and body[0][0]["max_retries"] == 2  # type: ignore[index]
+
+
+def stored_envelopes(project: Project, redis_url: str, queue: Queue) -> list[dict[str, Any]]:
+    """The raw envelopes waiting in ``queue``'s Redis list, oldest first (a worker pops from the tail)."""
+    prefix = project.celery_app.conf.broker_transport_options["global_keyprefix"]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [json.loads(raw) for raw in reversed(client.lrange(f"{prefix}{queue.name}", 0, -1))]
+    finally:
+        client.close()
+
+
+def with_ids_blanked(envelope: dict[str, Any]) -> dict[str, Any]:
+    """``envelope`` with what differs between two messages of the same payload (ids, tags, times) blanked, and
+    its body decoded; checks the ids it blanks are well formed."""
+    headers, properties = dict(envelope["headers"]), dict(envelope["properties"])
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    uuid.UUID(headers["id"]), uuid.UUID(properties["delivery_tag"])
+    body = json.loads(base64.b64decode(envelope["body"]))
+    wire = body[0][0]
+    assert headers["argsrepr"] == f"({wire['channel']!r}, id={wire['id']!r}, retried={wire['retried']})"
+    for key in ("id", "root_id", "argsrepr"):
+        headers[key] = "-"
+    properties["correlation_id"] = properties["delivery_tag"] = "-"
+    wire["id"] = wire["published_at"] = "-"
+    return {**envelope, "headers": headers, "properties": properties, "body": body}
+
+
+def test_a_redis_batch_is_stored_as_kombu_stores_a_single_publish(redis_url: str) -> None:
+    # A batch on Redis is written by the publisher itself (not kombu's Producer.publish): it must store what
+    # kombu stores, so that a stock Celery worker reads it
+    project = Project(redis_url)
+    try:
+        first, second = project.queue("first"), project.queue("second")
+        # Given one message published alone (through kombu) and batches of the same payload, to one queue and
+        # interleaved across two queues (one round trip, one LPUSH per queue)
+        project.publisher.publish([Outgoing(first, Message("work", {"n": 1}, 15.0, 2))])
+        project.publisher.publish([Outgoing(first, Message("work", {"n": 1}, 15.0, 2)) for _ in range(2)])
+        mixed = [Outgoing(queue, Message("work", {"n": 1}, 15.0, 2)) for queue in (first, second, first, second)]
+        project.publisher.publish(mixed)
+
+        # Then every envelope is kombu's, field for field, but for the ids each message has of its own
+        stored_first, stored_second = (
+            stored_envelopes(project, redis_url, first),
+            stored_envelopes(project, redis_url, second),
+        )
+        by_kombu = with_ids_blanked(stored_first[0])
+        assert by_kombu["properties"]["delivery_info"] == {"exchange": "", "routing_key": first.name}
+        for envelope in stored_first[1:]:
+            assert with_ids_blanked(envelope) == by_kombu
+        for envelope in stored_second:
+            expected = {**by_kombu, "properties": {**by_kombu["properties"], "delivery_info": {
+                "exchange": "", "routing_key": second.name}}}  # fmt: skip
+            assert with_ids_blanked(envelope) == expected
+        # And each queue holds its messages in the order they were published
+        ids = [
+            [json.loads(base64.b64decode(e["body"]))[0][0]["id"] for e in stored]
+            for stored in (stored_first, stored_second)
+        ]
+        assert ids[0][3:] == [mixed[0].message.id, mixed[2].message.id]
+        assert ids[1] == [mixed[1].message.id, mixed[3].message.id]
+        # And kombu reads them back as Celery messages
+        assert len(project.taken(first)) == 5 and len(project.taken(second)) == 2
+    finally:
+        project.close()
 
 
 def test_a_delayed_message_carries_its_eta(project: Project) -> None:
