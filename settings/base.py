@@ -84,6 +84,9 @@ TEMPLATES = [
 # --- Database: SQLite unless DATABASE_URL is set (PostgreSQL in a cluster). ---
 DATABASE_URL = env("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend, with the outbox's rows sent in the commit's round trip (nocluster/postgresql/base.py).
+    DATABASES["default"]["ENGINE"] = "nocluster.postgresql"
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Every process of the project shares the file (the embedded event queue and outbox are tables in it):
     # WAL lets readers run beside the writer, IMMEDIATE takes the write lock when a transaction begins (so two

@@ -51,7 +51,7 @@ def reachable(url: str, default_port: int = 5432) -> bool:
 
 # PostgreSQL when reachable (always under CI: an unreachable server fails the run); SQLite otherwise.
 if env_bool("CI") or reachable(TEST_DATABASE_URL):
-    DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL)}
+    DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL, engine="nocluster.postgresql")}
     # A spawned node process is pointed at the test database itself (DATABASE_URL names it), so it must not
     # prefix it again.
     if not DATABASES["default"]["NAME"].startswith("test_nocluster_"):

@@ -400,3 +400,16 @@ def start_nodes(
 def stop_nodes(nodes: Iterable[NodeProcess]) -> None:
     for node in nodes:
         node.stop()
+
+
+def in_outbox(message_id: str) -> bool:
+    """Whether the current transaction holds an outbox row of ``message_id``: in the table, or (on ``ENGINE
+    "nocluster.postgresql"``, outside a savepoint) waiting to be inserted with the commit."""
+    from django.db import connection
+
+    from nocluster.models import OutboxMessage
+
+    waiting = getattr(connection, "_at_commit", [])
+    return OutboxMessage.objects.filter(message_id=message_id).exists() or any(
+        f" message {message_id} " in insert.what for insert in waiting
+    )

@@ -122,9 +122,17 @@ def insert_row(alias: str, row: OutboxMessage) -> None:
     """``INSERT`` ``row`` on ``alias`` and set its id: one statement built once per model and database, as the
     ORM's ``create()`` would send it, without the ORM's per-call compilation, run with
     :func:`~nocluster.db.execute_lean` (together, more than half of the outbox's cost per message). Values go
-    through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM adapts them."""
+    through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM adapts them.
+
+    On ``ENGINE "nocluster.postgresql"`` outside a savepoint the statement waits and goes out with the commit, in
+    its round trip (:mod:`nocluster.postgresql.base`): the id is set then, before the commit's callbacks run."""
     connection = connections[alias]
     values = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in inserted_fields()]
+    insert_at_commit = getattr(connection, "insert_at_commit", None)  # ENGINE "nocluster.postgresql"
+    if insert_at_commit is not None and not connection.savepoint_ids:
+        what = f"the outbox row of {row.kind} message {row.message_id} on channel {row.channel!r}"
+        insert_at_commit(insert_sql(alias), values, lambda pk: setattr(row, "pk", pk), what)
+        return
     if connection.features.can_return_columns_from_insert:
         row.pk = execute_lean(alias, insert_sql(alias), values)[1][0]
         return
@@ -207,7 +215,10 @@ class Outbox(Component):
         """Write a row in the current transaction of database ``using``; it is sent after that commit. ``memo``:
         what ``body`` was made from, kept on the row in memory for its sender (``row.memo``) in this process.
 
-        Raises whatever the database raises (the caller's transaction is then broken, as with any write).
+        Raises whatever the database raises (the caller's transaction is then broken, as with any write). On
+        ``ENGINE "nocluster.postgresql"``, outside a savepoint, the row is inserted with the commit instead (one
+        round trip for both): the transaction does not see it before, and a row the database refuses makes the
+        commit raise, with a note naming the message.
         """
         alias = using or DEFAULT_DB_ALIAS
         row = outbox_model()(

@@ -16,7 +16,7 @@ from django.db import transaction
 from nocluster import UnknownChannel
 from nocluster.models import FailedMessage, OutboxMessage, QueuedMessage
 from nocluster.queue import manager as queue_manager
-from tests.helpers import wait_until
+from tests.helpers import in_outbox, wait_until
 from tests.queue import scenarios
 from tests.queue.conftest import Cluster
 from tests.queue.scenarios import max_overlap, of
@@ -143,10 +143,7 @@ def test_a_rolled_back_transaction_publishes_nothing(queue: Cluster) -> None:
         committed = queue.app.event_queue.publish("echo", "committed", timeout=5)
         # Before the commit the message is only a row of the caller's transaction (the outbox, or the database
         # queue itself): no backend has it, so nothing can run it
-        assert (
-            OutboxMessage.objects.filter(message_id=committed).exists()
-            or QueuedMessage.objects.filter(message_id=committed).exists()
-        )
+        assert in_outbox(committed) or QueuedMessage.objects.filter(message_id=committed).exists()
 
     # Then only the committed one runs
     wait_until(lambda: of(queue.events("echo"), committed), timeout=30)

@@ -1,0 +1,136 @@
+"""``ENGINE "nocluster.postgresql"``: outbox rows added outside a savepoint are inserted with the commit, in its
+round trip (nocluster/postgresql/base.py), and still commit or roll back with the caller's data, on the real
+PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import DataError, connection, transaction
+
+from nocluster.identity import NodeIdentity
+from nocluster.models import InstalledPlugin, OutboxMessage
+from nocluster.outbox.manager import Outbox, OutboxSettings
+from tests.conftest import unique_name
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(connection, "insert_at_commit"), reason="needs PostgreSQL (CI always has it)"
+)
+
+
+class Recorder:
+    """The sender of kind ``"t"``: what it was handed, as ``(id, body)``, and the rows of the table at that time."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Any]] = []
+
+    def __call__(self, row: OutboxMessage) -> None:
+        self.sent.append((row.pk, row.body))
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [body for _, body in self.sent]
+
+
+@pytest.fixture
+def outbox(transactional_db: None) -> Iterator[tuple[Outbox, Recorder]]:
+    result, recorder = Outbox(NodeIdentity(unique_name("rt")), OutboxSettings()), Recorder()
+    result.register("t", recorder)
+    yield result, recorder
+    OutboxMessage.objects.filter(app_name=result.identity.name).delete()
+
+
+def add(outbox: Outbox, body: Any) -> None:
+    outbox.add(None, "t", "work", f"m-{body}", body)
+
+
+def rows_seen_by_another_connection(name: str) -> int:
+    """The rows of app ``name`` committed, as a new connection sees them (not the caller's transaction)."""
+    import psycopg
+
+    settings = connection.settings_dict
+    with psycopg.connect(
+        dbname=settings["NAME"], host=settings["HOST"], port=settings["PORT"] or 5432, user=settings["USER"]
+    ) as other:
+        [(count,)] = other.execute(
+            f"SELECT count(*) FROM {OutboxMessage._meta.db_table} WHERE app_name = %s",
+            [name],
+        ).fetchall()
+        return int(count)
+
+
+def test_rows_wait_for_the_commit_and_go_out_with_it_in_order(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given a transaction with a write of the caller's and three rows
+    with transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
+        for n in range(3):
+            add(box, n)
+        # Then, while it is open, no row is in the table, not even for the transaction itself
+        assert OutboxMessage.objects.filter(app_name=box.identity.name).count() == 0
+        assert connection._at_commit  # type: ignore[attr-defined]
+    # And after the commit the rows were sent in order, each with the id the commit's INSERT gave it
+    assert recorder.bodies == [0, 1, 2]
+    ids = [pk for pk, _ in recorder.sent]
+    assert all(isinstance(pk, int) for pk in ids) and ids == sorted(ids)
+    assert InstalledPlugin.objects.filter(name=f"{box.identity.name}-data").exists()
+
+
+def test_a_transaction_with_nothing_but_a_row_commits_it(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # The INSERT is then the transaction's first statement: its BEGIN goes in the commit's pipeline too
+    with transaction.atomic():
+        add(box, "alone")
+    assert recorder.bodies == ["alone"]
+    # And the connection goes on as usual after it
+    with transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-after")
+        add(box, "next")
+    assert recorder.bodies == ["alone", "next"]
+
+
+def test_a_rolled_back_transaction_inserts_nothing(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    with pytest.raises(RuntimeError), transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
+        add(box, "rolled back")
+        raise RuntimeError("roll back")
+    assert recorder.sent == [] and not connection._at_commit  # type: ignore[attr-defined]
+    assert rows_seen_by_another_connection(box.identity.name) == 0
+    # And the next transaction does not carry the row along
+    with transaction.atomic():
+        add(box, "committed")
+    assert recorder.bodies == ["committed"]
+
+
+def test_savepoints_keep_what_was_added_before_them(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    with transaction.atomic():
+        add(box, "before")
+        # A savepoint rolled back: the row added before it stays, the one added inside it goes
+        with pytest.raises(RuntimeError), transaction.atomic():
+            add(box, "inside, rolled back")
+            raise RuntimeError("roll back the savepoint")
+        # A savepoint released: its row stays
+        with transaction.atomic():
+            add(box, "inside, released")
+        add(box, "after")
+    assert recorder.bodies == ["before", "inside, released", "after"]
+
+
+def test_a_row_the_database_refuses_fails_the_commit_naming_the_message(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given a transaction whose row PostgreSQL cannot store (jsonb has no NUL character)
+    with pytest.raises(DataError) as raised, transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
+        add(box, "a\x00b")
+    # Then its commit raised, naming the message, and the caller's data rolled back with it
+    assert "outbox row of t message m-a\x00b on channel 'work'" in "".join(raised.value.__notes__)
+    assert not InstalledPlugin.objects.filter(name=f"{box.identity.name}-data").exists()
+    assert recorder.sent == [] and rows_seen_by_another_connection(box.identity.name) == 0
+    # And the connection serves the next transaction
+    with transaction.atomic():
+        add(box, "next")
+    assert recorder.bodies == ["next"]
