@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,14 +13,16 @@ from typing import Any
 import pytest
 import redis
 from amqp.exceptions import MessageNacked
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Exchange, Producer, Queue
 
+from nocluster.errors import PublishError
+from nocluster.queue.backends.celery import celery_queue
 from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
 from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
 from nocluster.queue.backends.celery_worker import TASK_NAME
 from nocluster.queue.message import Message
 from tests.conftest import unique_name
-from tests.queue.conftest import delete_keys
+from tests.queue.conftest import celery_publisher, delete_keys
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.cluster
@@ -108,14 +111,16 @@ def with_ids_blanked(envelope: dict[str, Any]) -> dict[str, Any]:
     return {**envelope, "headers": headers, "properties": properties, "body": body}
 
 
-def test_a_redis_batch_is_stored_as_kombu_stores_a_single_publish(redis_url: str) -> None:
-    # A batch on Redis is written by the publisher itself (not kombu's Producer.publish): it must store what
+def test_what_the_publisher_stores_on_redis_is_what_kombu_stores(redis_url: str) -> None:
+    # On Redis the publisher writes messages itself (not through kombu's Producer.publish): it must store what
     # kombu stores, so that a stock Celery worker reads it
     project = Project(redis_url)
     try:
         first, second = project.queue("first"), project.queue("second")
-        # Given one message published alone (through kombu) and batches of the same payload, to one queue and
-        # interleaved across two queues (one round trip, one LPUSH per queue)
+        # Given one message published through kombu's Producer.publish (as for any other kombu transport), and
+        # by the publisher one alone, a batch to one queue and one interleaved across two queues
+        with project.celery_app.connection_for_write() as connection:
+            project.publisher._send(Producer(connection), Outgoing(first, Message("work", {"n": 1}, 15.0, 2)), False)
         project.publisher.publish([Outgoing(first, Message("work", {"n": 1}, 15.0, 2))])
         project.publisher.publish([Outgoing(first, Message("work", {"n": 1}, 15.0, 2)) for _ in range(2)])
         mixed = [Outgoing(queue, Message("work", {"n": 1}, 15.0, 2)) for queue in (first, second, first, second)]
@@ -139,10 +144,10 @@ def test_a_redis_batch_is_stored_as_kombu_stores_a_single_publish(redis_url: str
             [json.loads(base64.b64decode(e["body"]))[0][0]["id"] for e in stored]
             for stored in (stored_first, stored_second)
         ]
-        assert ids[0][3:] == [mixed[0].message.id, mixed[2].message.id]
+        assert ids[0][4:] == [mixed[0].message.id, mixed[2].message.id]
         assert ids[1] == [mixed[1].message.id, mixed[3].message.id]
         # And kombu reads them back as Celery messages
-        assert len(project.taken(first)) == 5 and len(project.taken(second)) == 2
+        assert len(project.taken(first)) == 6 and len(project.taken(second)) == 2
     finally:
         project.close()
 
@@ -187,3 +192,28 @@ def test_a_kept_connection_dropped_while_idle_is_replaced_without_an_error(broke
             assert len(project.taken(queue)) == 2 * count
         finally:
             project.close()
+
+
+def test_a_publish_to_an_unreachable_broker_raises_publish_error_naming_the_channel(broker_url: str) -> None:
+    # Given a node publishing outside a transaction through a proxy, its connection made by a first publish
+    with TcpProxy.for_broker(broker_url) as proxy:
+        app = celery_publisher(unique_name("down"), proxy.url(broker_url))
+        try:
+            app.event_queue.publish("echo", "before", timeout=5)
+            # When the broker cannot be reached (open connections dropped, new ones refused)
+            proxy.cut()
+            started = time.monotonic()
+            # Then the next publish raises PublishError naming the channel and the message, within the retries
+            with pytest.raises(PublishError, match=r"queue channel 'echo': message [0-9a-f]{32} not queued"):
+                app.event_queue.publish("echo", "refused", timeout=5)
+            assert time.monotonic() - started < 20
+            # And once the broker is back, publishing works again without a restart
+            proxy.restore()
+            app.event_queue.publish("echo", "after", timeout=5)
+            with app.event_queue.backend.celery_app.connection_for_read() as connection:
+                queue = celery_queue(app.event_queue.full_channel("echo"))(connection.default_channel)
+                assert queue.queue_declare().message_count == 2
+                queue.delete()
+        finally:
+            app.event_queue.backend.stop()
+            delete_keys(app.name)

@@ -10,10 +10,11 @@ name: no binding lookup), and on Redis through a channel that keeps its one clie
 ``apply_async``'s.
 
 :meth:`CeleryPublisher.publish` sends a batch: on Redis in one round trip, on RabbitMQ on a channel in confirm mode
-with one wait for all the confirms. A Redis batch is written here rather than through kombu's ``Producer.publish``,
-which for each message serialises, wraps and routes through four layers (half of a batch's time): each message is
-the JSON envelope kombu's Redis channel writes (:func:`redis_envelope`), and one ``LPUSH`` per queue carries the
-queue's messages in order.
+with one wait for all the confirms. On Redis, one message or many are written here rather than through kombu's
+``Producer.publish``, which for each message serialises, wraps and routes through four layers (half of a batch's
+time, a tenth of a single publish's): each message is the JSON envelope kombu's Redis channel writes
+(:func:`redis_envelope`), and one ``LPUSH`` per queue carries the queue's messages in order. A dropped connection is
+retried by the redis-py client kombu made (its default retries, on a new connection), as under kombu.
 """
 
 from __future__ import annotations
@@ -86,15 +87,15 @@ class CeleryPublisher:
     def publish(self, batch: Sequence[Outgoing]) -> None:
         """Send ``batch`` in order; returns once the broker has every message (raises if it may not).
 
-        On Redis a batch is one round trip, sent once every message is ready: a connection error then fails the
-        whole batch (delivery uncertain), it is not retried message by message.
+        On Redis a batch is one round trip, sent once every message is ready: a connection error that outlasts
+        the client's retries fails the whole batch (delivery uncertain), it is not retried message by message.
         """
         with self._producer() as kept:
             self._declare(kept, {outgoing.queue for outgoing in batch})
-            if len(batch) == 1:
-                self._send(kept.producer, batch[0], retry=True)
-            elif self.redis:
+            if self.redis:
                 self._push_to_redis(kept, batch)
+            elif len(batch) == 1:
+                self._send(kept.producer, batch[0], retry=True)
             elif kept.connection.transport.driver_type == "amqp":
                 self._send_confirmed(kept.connection, batch)
             else:  # another kombu transport: one publish after another
