@@ -21,7 +21,10 @@ Two processes differ by more than 5 % from run to run on this machine, so the in
 alternately with nocluster's recorders and trace carrying on and with both off (the no-op recorders swapped in,
 ``tracing.configure(False)``), ``BENCH_OBS_BLOCKS`` (100) blocks per arm in ABBA order; the ratio of the arms' summed
 times cancels the drift of the machine. A pub/sub block ends when its last message was received. A control, the
-locks path with both arms off, shows the method's own noise (1.00 ± 0.02 on this machine).
+locks path with both arms off, shows the method's own noise (1.00 ± 0.02 on this machine). With
+``BENCH_OBS_ATTRIBUTION=1`` the pub/sub path is measured again with only part of "on": the recorders alone, tracing
+alone (carrying and the handler's span), and carrying alone (no span made), to show where its cost goes.
+``BENCH_OBS_PAIRS=0`` skips the fresh-process arms (the interleaved figures only).
 
 Goal (issue 16): on ÷ off at least 0.95 on every path. Needs Redis (``REDIS_URL``).
 """
@@ -144,27 +147,44 @@ def pubsub_rate(app: Any, tracer: Any) -> float:
 
 
 # --- in a child process: the in-process paths, interleaved -----------------------------------------------------
+# What the "on" arm turns on, for the attribution (``BENCH_OBS_ATTRIBUTION=1``): recorders, trace carrying, the
+# handlers' spans; "on" is all three.
+PARTS = {
+    "on": {"recorders", "carrying", "spans"},
+    "metrics only": {"recorders"},
+    "tracing only": {"carrying", "spans"},
+    "carrying only": {"carrying"},
+}
+
+
 class Arms:
-    """Switches one process's nocluster instrumentation on and off: the managers' recorders and trace carrying."""
+    """Switches one process's nocluster instrumentation on and off: the managers' recorders, trace carrying and
+    the handlers' spans (any arm not in :data:`PARTS` is all off)."""
 
     def __init__(self, app: Any) -> None:
+        from nocluster import tracing
         from nocluster.metrics.recorders import LockMetrics, PubSubMetrics, QueueMetrics
 
         self.managers = (app.pub_sub_manager, app.lock_manager, app.event_queue)
         self.recording = tuple(manager.metrics for manager in self.managers)
         self.silent = (PubSubMetrics(), LockMetrics(), QueueMetrics())
+        self.consumer_span = tracing.consumer_span
 
     def use(self, arm: str) -> None:
         from nocluster import tracing
 
-        tracing.configure(arm == "on")
-        for manager, recorder in zip(self.managers, self.recording if arm == "on" else self.silent, strict=True):
+        parts = PARTS.get(arm, set())
+        tracing.configure(bool(parts & {"carrying", "spans"}))
+        no_span: Any = lambda *args, **kwargs: tracing.NO_SPAN  # noqa: E731
+        tracing.consumer_span = self.consumer_span if "spans" in parts else no_span
+        recorders = self.recording if "recorders" in parts else self.silent
+        for manager, recorder in zip(self.managers, recorders, strict=True):
             manager.metrics = recorder
 
 
 def interleaved(arms: Arms, run_block: Any, second: str = "on") -> float:
-    """``second`` ÷ off throughput of ``run_block()`` (which returns its seconds), blocks in ABBA order. Any arm
-    but "on" is off (``second="off again"``: the method's control)."""
+    """``second`` ÷ off throughput of ``run_block()`` (which returns its seconds), blocks in ABBA order. An arm not
+    in :data:`PARTS` is off (``second="off again"``: the method's control)."""
     spent = {"off": 0.0, second: 0.0}
     for arm in ("off", second, second, "off") * ((BLOCKS + 1) // 2):
         arms.use(arm)
@@ -213,6 +233,9 @@ def measure_interleaved() -> None:
             app.pub_sub_manager.publish("bench", {"block": 0, "i": -1}, skip_self=False)
             time.sleep(0.05)
         figures = {"pubsub": interleaved(arms, pubsub_block)}
+        if os.environ.get("BENCH_OBS_ATTRIBUTION") == "1":
+            for part in ("metrics only", "tracing only", "carrying only"):
+                figures[f"pubsub, {part}"] = interleaved(arms, pubsub_block, part)
     finally:
         app.pub_sub_manager.stop()
     figures["locks"] = interleaved(arms, lambda: in_spans(tracer, BLOCK, lock))
@@ -293,9 +316,19 @@ def main() -> int:
         same_process = interleaved_arms(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    pairs = len(runs["on"])
     sdk = "SDK in both arms" if SDK else "no SDK (API only)"
-    print(f"\nmetrics and tracing on vs off, Redis, {pairs} runs per arm in mirrored order (medians), {sdk}")
+    if runs["on"]:  # BENCH_OBS_PAIRS=0: the interleaved figures only
+        print_fresh_processes(runs, sdk)
+    print(f"\ninterleaved in one process, {BLOCKS} blocks of {BLOCK} per arm in ABBA order ({sdk}): on / off")
+    for path, ratio in same_process.items():
+        print(f"  {path:<24} {ratio:>9.3f}")
+    measured = [ratio for path, ratio in same_process.items() if not path.startswith("control") and ", " not in path]
+    print(f"  worst ratio {min(measured):.3f} (goal >= 0.95)")
+    return 0
+
+
+def print_fresh_processes(runs: dict[str, list[dict[str, float]]], sdk: str) -> None:
+    print(f"\nmetrics and tracing on vs off, Redis, {len(runs['on'])} runs per arm in mirrored order (medians), {sdk}")
     print(f"  {'path':<16} {'off /s':>10} {'on /s':>10} {'on / off':>9}")
     worst = 1.0
     for path in runs["off"][0]:
@@ -304,12 +337,6 @@ def main() -> int:
         worst = min(worst, on / off)
         print(f"  {path:<16} {off:>10.0f} {on:>10.0f} {on / off:>9.2f}")
     print(f"  worst ratio {worst:.2f} (goal >= 0.95)")
-    print(f"\ninterleaved in one process, {BLOCKS} blocks of {BLOCK} per arm in ABBA order ({sdk}): on / off")
-    for path, ratio in same_process.items():
-        print(f"  {path:<24} {ratio:>9.3f}")
-    measured = [ratio for path, ratio in same_process.items() if not path.startswith("control")]
-    print(f"  worst ratio {min(measured):.3f} (goal >= 0.95)")
-    return 0
 
 
 def interleaved_arms(scratch: str) -> dict[str, float]:
