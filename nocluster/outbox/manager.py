@@ -124,12 +124,13 @@ def insert_row(alias: str, row: OutboxMessage) -> None:
     :func:`~nocluster.db.execute_lean` (together, more than half of the outbox's cost per message). Values go
     through each field's own ``get_db_prep_save``, so JSON and datetimes are adapted as the ORM adapts them.
 
-    On ``ENGINE "nocluster.postgresql"`` outside a savepoint the statement waits and goes out with the commit, in
-    its round trip (:mod:`nocluster.postgresql.base`): the id is set then, before the commit's callbacks run."""
+    On ``ENGINE "nocluster.postgresql"`` the statement goes to the connection, which sends it with the commit, in
+    its round trip, or at once inside a savepoint (:mod:`nocluster.postgresql.base`); the id is set when it ran,
+    before the commit's callbacks run."""
     connection = connections[alias]
     values = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in inserted_fields()]
     insert_at_commit = getattr(connection, "insert_at_commit", None)  # ENGINE "nocluster.postgresql"
-    if insert_at_commit is not None and not connection.savepoint_ids:
+    if insert_at_commit is not None:
         what = f"the outbox row of {row.kind} message {row.message_id} on channel {row.channel!r}"
         insert_at_commit(insert_sql(alias), values, lambda pk: setattr(row, "pk", pk), what)
         return

@@ -9,9 +9,10 @@ round trip). The rows commit or roll back with the caller's data as before.
 
 What a caller may notice: the transaction does not see its own outbox rows before the commit, and an ``INSERT``
 the database refuses raises from the commit (the end of ``atomic()``; Django then rolls the transaction back)
-rather than from ``publish()``. Only rows added outside any savepoint wait: before a savepoint is created the
-waiting rows are inserted (so a rollback to it cannot take a row it did not hold), and inside one the outbox
-inserts at once. Everything else is Django's backend, unchanged.
+rather than from ``publish()``. Only rows added outside any savepoint (and outside a nested
+``atomic(savepoint=False)``) wait: before a savepoint is created the waiting rows are inserted (so a rollback to it
+cannot take a row it did not hold), and inside one a row is inserted at once, after those waiting, so the rows
+keep the order they were added in. Everything else is Django's backend, unchanged.
 """
 
 from __future__ import annotations
@@ -42,19 +43,27 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self._at_commit: list[AtCommit] = []
 
     def insert_at_commit(self, sql: str, params: Sequence[Any], inserted: Callable[[Any], None], what: str) -> None:
-        """Run ``sql`` (one ``INSERT ... RETURNING``) in the commit's round trip, just before the ``COMMIT``;
-        then call ``inserted`` with the first column returned. Only inside ``atomic()`` and outside any savepoint.
-        If the database refuses it, the commit raises (and the transaction rolls back) with a note naming ``what``.
+        """Run ``sql`` (one ``INSERT ... RETURNING``) in the commit's round trip, just before the ``COMMIT``, and
+        call ``inserted`` with the first column returned; if the database refuses it, the commit raises (and the
+        transaction rolls back) with a note naming ``what``. Only inside ``atomic()``.
+
+        Inside a savepoint, or a nested ``atomic(savepoint=False)`` (whose failure rolls back the whole
+        transaction, so nothing marks where it began), it runs at once instead, after the statements waiting:
+        statements always run in the order they were given.
         """
-        if not self.in_atomic_block or self.savepoint_ids:
-            raise TransactionManagementError("insert_at_commit() needs a transaction outside any savepoint")
+        if not self.in_atomic_block:
+            raise TransactionManagementError("insert_at_commit() needs a transaction (atomic())")
         self._at_commit.append(AtCommit(sql, params, inserted, what))
+        if self.savepoint_ids:
+            self._insert_waiting("")
 
     def _commit(self) -> None:
         waiting, self._at_commit = self._at_commit, []
-        if not waiting or self.connection is None:
+        if not waiting:
             super()._commit()  # type: ignore[misc]  # missing from django-stubs
             return
+        if self.connection is None:  # closed in the transaction: what it wrote is gone, and so are these rows
+            raise TransactionManagementError("the connection closed before its transaction committed")
         try:
             with self.wrap_database_errors:
                 if psycopg.Pipeline.is_supported():
@@ -86,22 +95,26 @@ class DatabaseWrapper(base.DatabaseWrapper):
                 cursor.close()
 
     def _insert_now(self, waiting: list[AtCommit]) -> None:
+        self.ensure_connection()
         assert self.connection is not None
         for insert in waiting:
             with psycopg.Cursor(self.connection) as cursor:
                 cursor.execute(insert.sql, insert.params)
                 insert.inserted(first_column(cursor))
 
+    def _insert_waiting(self, before: str) -> None:
+        waiting, self._at_commit = self._at_commit, []
+        try:
+            with self.wrap_database_errors:
+                self._insert_now(waiting)
+        except Exception as exc:
+            exc.add_note(f"while inserting{before}: {', '.join(insert.what for insert in waiting)}")
+            raise
+
     def _savepoint(self, sid: str) -> None:
         # A rollback to the savepoint must not take rows added before it: they are inserted first.
-        waiting, self._at_commit = self._at_commit, []
-        if waiting:
-            try:
-                with self.wrap_database_errors:
-                    self._insert_now(waiting)
-            except Exception as exc:
-                exc.add_note(f"while inserting before a savepoint: {', '.join(insert.what for insert in waiting)}")
-                raise
+        if self._at_commit:
+            self._insert_waiting(" before a savepoint")
         super()._savepoint(sid)  # type: ignore[misc]  # missing from django-stubs
 
     def _rollback(self) -> None:

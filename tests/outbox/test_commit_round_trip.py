@@ -134,3 +134,16 @@ def test_a_row_the_database_refuses_fails_the_commit_naming_the_message(outbox: 
     with transaction.atomic():
         add(box, "next")
     assert recorder.bodies == ["next"]
+
+
+def test_rows_keep_their_order_across_a_block_without_a_savepoint(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given rows added before, inside and after a nested atomic(savepoint=False), where a row cannot wait (a failure
+    # there rolls back the whole transaction, so nothing marks where it began)
+    with transaction.atomic():
+        add(box, "before")
+        with transaction.atomic(savepoint=False):
+            add(box, "inside")
+        add(box, "after")
+    # Then they are sent in the order they were added
+    assert recorder.bodies == ["before", "inside", "after"]
