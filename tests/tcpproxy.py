@@ -2,6 +2,7 @@
 
 ``cut()`` closes every open connection and refuses new ones (accepts and closes them at once), the way a broker
 restart looks to a client, without touching the shared server. ``restore()`` lets connections through again.
+``drop_next_request()`` closes the connection of the next command a client sends, without forwarding it.
 One named selector thread pumps every connection; ``close()`` stops and joins it.
 
     with TcpProxy("127.0.0.1", 6379) as proxy:
@@ -38,6 +39,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._cut = False
         self._cut_requested = threading.Event()
+        self._clients: set[socket.socket] = set()
+        self._drop_next_request = threading.Event()
+        self.requests_dropped = 0
         self._stopping = False
         self.connections_accepted = 0
         self._thread = threading.Thread(target=self._loop, name=f"tcpproxy-{self.port}", daemon=True)
@@ -70,6 +74,11 @@ class TcpProxy:
             self._cut = True
         self._cut_requested.set()
         self._wait_for(lambda: self.open_connections == 0)
+
+    def drop_next_request(self) -> None:
+        """The next bytes a client sends on an open connection are not forwarded: that connection is closed instead,
+        as a reset in the middle of a command looks to the client (the server never sees the command)."""
+        self._drop_next_request.set()
 
     def restore(self) -> None:
         """Let connections through again."""
@@ -134,6 +143,7 @@ class TcpProxy:
         with self._lock:
             self._peers[client] = upstream
             self._peers[upstream] = client
+            self._clients.add(client)
         self._selector.register(client, selectors.EVENT_READ, None)
         self._selector.register(upstream, selectors.EVENT_READ, None)
 
@@ -141,6 +151,10 @@ class TcpProxy:
         peer = self._peers[sock]
         try:
             data = sock.recv(65536)
+            if data and sock in self._clients and self._drop_next_request.is_set():
+                self._drop_next_request.clear()
+                self.requests_dropped += 1
+                data = b""  # dropped below, unforwarded
             if data:
                 # A peer that does not read for 5 s is dropped rather than stalling every other connection.
                 peer.settimeout(5.0)
@@ -156,6 +170,7 @@ class TcpProxy:
             peer = self._peers.pop(sock, None)
             if peer is not None:
                 self._peers.pop(peer, None)
+            self._clients.difference_update((sock, peer))
         for s in (sock, peer):
             if s is None:
                 continue

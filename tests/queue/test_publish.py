@@ -18,7 +18,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from nocluster.errors import PublishError
 from nocluster.queue.backends.celery import celery_queue
 from nocluster.queue.backends.celery_app import QueueLimits, build_celery_app, is_redis
-from nocluster.queue.backends.celery_publish import CeleryPublisher, Outgoing
+from nocluster.queue.backends.celery_publish import REDIS_CONNECTION_ERRORS, CeleryPublisher, Outgoing
 from nocluster.queue.backends.celery_worker import TASK_NAME
 from nocluster.queue.message import Message
 from tests.conftest import unique_name
@@ -190,6 +190,28 @@ def test_a_kept_connection_dropped_while_idle_is_replaced_without_an_error(broke
             # Then the next batch goes out on a new connection, without an error, and nothing is lost
             project.publisher.publish([Outgoing(queue, Message("work", n, 15.0, 0)) for n in range(count)])
             assert len(project.taken(queue)) == 2 * count
+        finally:
+            project.close()
+
+
+def test_on_redis_a_single_publish_is_tried_again_after_a_reset_and_a_batch_is_not(redis_url: str) -> None:
+    # Given a publisher whose kept connection goes through a proxy, its connection made by a first publish
+    with TcpProxy.for_broker(redis_url) as proxy:
+        project = Project(proxy.url(redis_url))
+        try:
+            queue = project.queue()
+            project.publisher.publish([Outgoing(queue, Message("work", 0, 15.0, 0))])
+            # When the connection is reset as the next publish sends its command (Redis never sees it)
+            proxy.drop_next_request()
+            project.publisher.publish([Outgoing(queue, Message("work", 1, 15.0, 0))])
+            # Then that publish was tried again on a new connection and returned: each message is queued once
+            assert proxy.requests_dropped == 1
+            assert [body[0][0]["payload"] for _, body in project.taken(queue)] == [0, 1]  # type: ignore[index]
+            # But a batch whose connection is reset fails as a whole (delivery uncertain), and is not sent again
+            proxy.drop_next_request()
+            with pytest.raises(REDIS_CONNECTION_ERRORS):
+                project.publisher.publish([Outgoing(queue, Message("work", n, 15.0, 0)) for n in range(3)])
+            assert proxy.requests_dropped == 2 and project.taken(queue) == []
         finally:
             project.close()
 

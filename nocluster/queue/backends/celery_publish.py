@@ -13,13 +13,13 @@ name: no binding lookup), and on Redis through a channel that keeps its one clie
 with one wait for all the confirms. On Redis, one message or many are written here rather than through kombu's
 ``Producer.publish``, which for each message serialises, wraps and routes through four layers (half of a batch's
 time, a tenth of a single publish's): each message is the JSON envelope kombu's Redis channel writes
-(:func:`redis_envelope`), and one ``LPUSH`` per queue carries the queue's messages in order. A dropped connection is
-retried by the redis-py client kombu made (its default retries, on a new connection), as under kombu.
+(:func:`redis_envelope`), and one ``LPUSH`` per queue carries the queue's messages in order. A single message is
+tried again after a connection error as kombu's ``Producer.publish(retry=True)`` would (the redis-py client kombu
+builds does not retry: its pool gives it no retries).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import queue as stdlib_queue
@@ -37,6 +37,7 @@ from kombu import Connection, Producer, Queue
 from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.serialization import dumps
 from kombu.utils.json import dumps as json_dumps
+from redis import exceptions as redis_exceptions
 
 from nocluster.queue.backends.celery_worker import TASK_NAME
 from nocluster.queue.backends.redis_transport import one_client_transport
@@ -44,6 +45,8 @@ from nocluster.queue.message import Message
 
 # How often a publish is tried again on a connection error, as apply_async's default retry policy.
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# What a broken Redis connection raises (what kombu's Redis transport counts as a connection error, but KeyError).
+REDIS_CONNECTION_ERRORS = (OSError, redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)
 # Producers (each with its connection) kept for reuse between calls; more may exist while that many threads publish.
 IDLE_PRODUCERS = 10
 # Seconds to wait for RabbitMQ to confirm a batch (a socket timeout after it: the batch is not known queued).
@@ -87,13 +90,30 @@ class CeleryPublisher:
     def publish(self, batch: Sequence[Outgoing]) -> None:
         """Send ``batch`` in order; returns once the broker has every message (raises if it may not).
 
-        On Redis a batch is one round trip, sent once every message is ready: a connection error that outlasts
-        the client's retries fails the whole batch (delivery uncertain), it is not retried message by message.
+        On Redis one message alone is tried again after a connection error, on a new connection, as kombu's retry
+        policy would (3 more tries, 0 to 0.2 s apart; a try whose command reached Redis before the error may queue
+        it twice). A batch is one round trip, sent once every message is ready: a connection error fails the whole
+        batch (delivery uncertain), it is not tried again.
         """
+        tries = 1 + int(RETRY_POLICY["max_retries"]) if self.redis and len(batch) == 1 else 1
+        for attempt in range(tries):
+            try:
+                self._publish_once(batch)
+                return
+            except REDIS_CONNECTION_ERRORS:
+                if attempt + 1 == tries:
+                    raise
+                time.sleep(min(RETRY_POLICY["interval_start"] + attempt * RETRY_POLICY["interval_step"],
+                               RETRY_POLICY["interval_max"]))  # fmt: skip
+
+    def _publish_once(self, batch: Sequence[Outgoing]) -> None:
         with self._producer() as kept:
             self._declare(kept, {outgoing.queue for outgoing in batch})
-            if self.redis:
+            if self.redis and (len(batch) == 1 or kept.producer.channel.supports_batch_publish):
                 self._push_to_redis(kept, batch)
+            elif self.redis:  # retry_on_timeout: redis-py would replay a whole pipeline, so one by one (as kombu)
+                for outgoing in batch:
+                    self._send(kept.producer, outgoing, retry=True)
             elif len(batch) == 1:
                 self._send(kept.producer, batch[0], retry=True)
             elif kept.connection.transport.driver_type == "amqp":
@@ -122,10 +142,12 @@ class CeleryPublisher:
         the channel's kept client (which adds the ``global_keyprefix``). kombu's Redis channel writes a message of
         priority 0 to the key named after its queue, as here; a queue declared with ``x-expires`` (none of ours)
         would also need kombu's ``PEXPIRE``."""
+        channel = kept.producer.channel
         pushes: dict[str, list[str]] = {}
         for outgoing in batch:
-            pushes.setdefault(outgoing.queue.name, []).append(redis_envelope(self._task_message(outgoing), outgoing))
-        with kept.producer.channel.conn_or_acquire() as client:
+            envelope = redis_envelope(self._task_message(outgoing), outgoing, channel)
+            pushes.setdefault(outgoing.queue.name, []).append(envelope)
+        with channel.conn_or_acquire() as client:
             if len(pushes) == 1:
                 [(key, messages)] = pushes.items()
                 client.lpush(key, *messages)
@@ -229,14 +251,15 @@ class CeleryPublisher:
                 kept.connection.release()
 
 
-def redis_envelope(task: Any, outgoing: Outgoing) -> str:
-    """The text kombu's Redis channel stores for ``task`` (a Celery task message) sent to ``outgoing.queue`` through
-    the default exchange: kombu's JSON of the body, in base64, inside kombu's JSON envelope with the properties
+def redis_envelope(task: Any, outgoing: Outgoing, channel: Any) -> str:
+    """The text kombu's Redis ``channel`` stores for ``task`` (a Celery task message) sent to ``outgoing.queue``
+    through the default exchange: kombu's JSON of the body, encoded as the channel encodes bodies (base64 unless
+    the ``body_encoding`` transport option says otherwise), inside kombu's JSON envelope with the properties
     ``Producer.publish`` adds (persistent, priority 0) and a delivery tag of its own. A stock Celery worker reads
     it as it reads ``apply_async``'s (``tests/queue/test_publish.py`` compares the two)."""
-    body = json_dumps(task.body)
+    body, body_encoding = channel.encode_body(json_dumps(task.body), channel.body_encoding)
     return json_dumps({
-        "body": base64.b64encode(body.encode()).decode(),
+        "body": body,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": task.headers,
@@ -245,7 +268,7 @@ def redis_envelope(task: Any, outgoing: Outgoing) -> str:
             "delivery_mode": PERSISTENT_DELIVERY_MODE,
             "delivery_info": {"exchange": "", "routing_key": outgoing.queue.name},
             "priority": 0,
-            "body_encoding": "base64",
+            "body_encoding": body_encoding,
             "delivery_tag": str(uuid.uuid4()),
         },
     })  # fmt: skip
