@@ -78,7 +78,9 @@ class _CommittedRows:
         self.__qualname__ = "Outbox.send_committed"  # what Django names in a robust callback's error log
 
     def __call__(self) -> None:
-        self.outbox.send_committed(self.alias, self.rows, self.in_savepoint)
+        # A row without an id was never inserted: it waited for the commit and a rollback to a savepoint took it
+        # (ENGINE "nocluster.postgresql").
+        self.outbox.send_committed(self.alias, [row for row in self.rows if row.pk is not None], self.in_savepoint)
 
 
 @dataclass(frozen=True)

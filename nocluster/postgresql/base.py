@@ -5,7 +5,8 @@ Written at once, its ``INSERT`` is a round trip of its own, about a fifth of a s
 server across a socket. With ``ENGINE: "nocluster.postgresql"`` the outbox hands such rows to
 :meth:`DatabaseWrapper.insert_at_commit` instead: they are kept in memory and, when the transaction commits, sent
 with the ``COMMIT`` in one psycopg pipeline (the ``INSERT`` statements and the ``COMMIT``, then one sync: a single
-round trip). The rows commit or roll back with the caller's data as before.
+round trip, or two when a row is the transaction's first statement, as psycopg syncs after the ``BEGIN`` it sends
+first). The rows commit or roll back with the caller's data as before.
 
 What a caller may notice: the transaction does not see its own outbox rows before the commit, and an ``INSERT``
 the database refuses raises from the commit (the end of ``atomic()``; Django then rolls the transaction back)
@@ -53,6 +54,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
         """
         if not self.in_atomic_block:
             raise TransactionManagementError("insert_at_commit() needs a transaction (atomic())")
+        # As a query would: refused in a transaction that failed, or whose connection closed.
+        self.validate_no_broken_transaction()
+        self.ensure_connection()
         self._at_commit.append(AtCommit(sql, params, inserted, what))
         if self.savepoint_ids:
             self._insert_waiting("")
@@ -108,6 +112,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
             with self.wrap_database_errors:
                 self._insert_now(waiting)
         except Exception as exc:
+            # The transaction is broken (PostgreSQL would answer its COMMIT with a silent ROLLBACK): Django must
+            # roll it back at the end of atomic(), whatever the caller catches, and run no commit callback.
+            self.needs_rollback = True
             exc.add_note(f"while inserting{before}: {', '.join(insert.what for insert in waiting)}")
             raise
 
@@ -116,6 +123,16 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if self._at_commit:
             self._insert_waiting(" before a savepoint")
         super()._savepoint(sid)  # type: ignore[misc]  # missing from django-stubs
+
+    def _savepoint_rollback(self, sid: str) -> None:
+        # Every row waiting was added after the newest savepoint (waiting rows are inserted when one is created):
+        # a rollback to it, or to an older one, takes them all.
+        self._at_commit = []
+        super()._savepoint_rollback(sid)  # type: ignore[misc]  # missing from django-stubs
+
+    def connect(self) -> None:
+        self._at_commit = []  # a new connection starts with nothing waiting (a block whose connection closed)
+        super().connect()
 
     def _rollback(self) -> None:
         self._at_commit = []

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from django.db import DataError, connection, transaction
+from django.db.transaction import TransactionManagementError
 
 from nocluster.identity import NodeIdentity
 from nocluster.models import InstalledPlugin, OutboxMessage
@@ -50,10 +51,8 @@ def rows_seen_by_another_connection(name: str) -> int:
     """The rows of app ``name`` committed, as a new connection sees them (not the caller's transaction)."""
     import psycopg
 
-    settings = connection.settings_dict
-    with psycopg.connect(
-        dbname=settings["NAME"], host=settings["HOST"], port=settings["PORT"] or 5432, user=settings["USER"]
-    ) as other:
+    params = {key: value for key, value in connection.get_connection_params().items() if key != "cursor_factory"}
+    with psycopg.connect(**params) as other:
         [(count,)] = other.execute(
             f"SELECT count(*) FROM {OutboxMessage._meta.db_table} WHERE app_name = %s",
             [name],
@@ -80,7 +79,7 @@ def test_rows_wait_for_the_commit_and_go_out_with_it_in_order(outbox: tuple[Outb
 
 def test_a_transaction_with_nothing_but_a_row_commits_it(outbox: tuple[Outbox, Recorder]) -> None:
     box, recorder = outbox
-    # The INSERT is then the transaction's first statement: its BEGIN goes in the commit's pipeline too
+    # The INSERT is then the transaction's first statement: psycopg sends its BEGIN in the commit's pipeline
     with transaction.atomic():
         add(box, "alone")
     assert recorder.bodies == ["alone"]
@@ -122,12 +121,12 @@ def test_savepoints_keep_what_was_added_before_them(outbox: tuple[Outbox, Record
 
 def test_a_row_the_database_refuses_fails_the_commit_naming_the_message(outbox: tuple[Outbox, Recorder]) -> None:
     box, recorder = outbox
-    # Given a transaction whose row PostgreSQL cannot store (jsonb has no NUL character)
-    with pytest.raises(DataError) as raised, transaction.atomic():
+    # Given a transaction whose row PostgreSQL refuses on the server (jsonb cannot hold the \u0000 of a NUL)
+    with pytest.raises(DataError, match="unsupported Unicode escape sequence") as raised, transaction.atomic():
         InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
-        add(box, "a\x00b")
+        box.add(None, "t", "work", "m-nul", "a\x00b")
     # Then its commit raised, naming the message, and the caller's data rolled back with it
-    assert "outbox row of t message m-a\x00b on channel 'work'" in "".join(raised.value.__notes__)
+    assert "outbox row of t message m-nul on channel 'work'" in "".join(raised.value.__notes__)
     assert not InstalledPlugin.objects.filter(name=f"{box.identity.name}-data").exists()
     assert recorder.sent == [] and rows_seen_by_another_connection(box.identity.name) == 0
     # And the connection serves the next transaction
@@ -147,3 +146,46 @@ def test_rows_keep_their_order_across_a_block_without_a_savepoint(outbox: tuple[
         add(box, "after")
     # Then they are sent in the order they were added
     assert recorder.bodies == ["before", "inside", "after"]
+
+
+def test_a_rollback_to_a_manual_savepoint_takes_the_rows_waiting_after_it(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given a row before a savepoint made with transaction.savepoint() (not atomic()) and one after it
+    with transaction.atomic():
+        add(box, "before")
+        savepoint = transaction.savepoint()
+        add(box, "after the savepoint")
+        # When the transaction rolls back to that savepoint, then commits
+        transaction.savepoint_rollback(savepoint)
+    # Then only the row before it was sent
+    assert recorder.bodies == ["before"]
+
+
+def test_a_row_refused_before_a_savepoint_rolls_the_transaction_back(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given a waiting row PostgreSQL refuses, inserted as a savepoint is made, and a caller that catches the error
+    callbacks: list[str] = []
+    with transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
+        transaction.on_commit(lambda: callbacks.append("ran"))
+        box.add(None, "t", "work", "m-nul", "a\x00b")
+        with pytest.raises(DataError), transaction.atomic():
+            pass
+    # Then the transaction rolled back (PostgreSQL would have answered its COMMIT with a silent ROLLBACK): no
+    # commit callback ran, nothing was sent
+    assert callbacks == [] and recorder.sent == []
+    assert not InstalledPlugin.objects.filter(name=f"{box.identity.name}-data").exists()
+
+
+def test_no_row_waits_in_a_transaction_whose_connection_closed(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given a transaction whose connection closed, then a publish in it: refused, as a query would be
+    with pytest.raises(TransactionManagementError), transaction.atomic():
+        InstalledPlugin.objects.create(name=f"{box.identity.name}-data")
+        connection.close()
+        add(box, "lost")
+    # Then the next transaction does not carry the row along
+    with transaction.atomic():
+        add(box, "next")
+    assert recorder.bodies == ["next"]
+    assert rows_seen_by_another_connection(box.identity.name) == 0
