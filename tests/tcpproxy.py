@@ -76,8 +76,8 @@ class TcpProxy:
         self._wait_for(lambda: self.open_connections == 0)
 
     def drop_next_request(self) -> None:
-        """The next bytes a client sends on an open connection are not forwarded: that connection is closed instead,
-        as a reset in the middle of a command looks to the client (the server never sees the command)."""
+        """The next bytes a client sends on an open connection are not forwarded: that connection is closed instead
+        (the server never sees the command; the client finds its connection closed while it waits for the reply)."""
         self._drop_next_request.set()
 
     def restore(self) -> None:

@@ -73,14 +73,18 @@ class _CommittedRows:
         self.alias = alias
         self.rows: list[OutboxMessage] = []
         # A row written inside a savepoint may have been rolled back with it: then the rows are read back from
-        # the table (in order) instead of sent from memory.
+        # the table (in order) instead of sent from memory. So too when the transaction rolled back to any
+        # savepoint since its first row, manual ones included, which ``savepoint_ids`` does not list (counted by
+        # ENGINE "nocluster.postgresql"; Django's engines do not count them).
         self.in_savepoint = False
+        self._savepoint_rollbacks = getattr(connections[alias], "savepoint_rollbacks", None)
         self.__qualname__ = "Outbox.send_committed"  # what Django names in a robust callback's error log
 
     def __call__(self) -> None:
-        # A row without an id was never inserted: it waited for the commit and a rollback to a savepoint took it
-        # (ENGINE "nocluster.postgresql").
-        self.outbox.send_committed(self.alias, [row for row in self.rows if row.pk is not None], self.in_savepoint)
+        rolled_back = getattr(connections[self.alias], "savepoint_rollbacks", None) != self._savepoint_rollbacks
+        # A row without an id was never inserted: it waited for the commit and a rollback to a savepoint took it.
+        rows = [row for row in self.rows if row.pk is not None]
+        self.outbox.send_committed(self.alias, rows, self.in_savepoint or rolled_back)
 
 
 @dataclass(frozen=True)

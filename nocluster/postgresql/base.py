@@ -42,6 +42,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._at_commit: list[AtCommit] = []
+        # Rollbacks to a savepoint on this connection, manual ones included (Django's savepoint_ids lists only
+        # atomic()'s): the outbox reads its rows back from the table after one (a row may have gone with it).
+        self.savepoint_rollbacks = 0
 
     def insert_at_commit(self, sql: str, params: Sequence[Any], inserted: Callable[[Any], None], what: str) -> None:
         """Run ``sql`` (one ``INSERT ... RETURNING``) in the commit's round trip, just before the ``COMMIT``, and
@@ -128,6 +131,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
         # Every row waiting was added after the newest savepoint (waiting rows are inserted when one is created):
         # a rollback to it, or to an older one, takes them all.
         self._at_commit = []
+        self.savepoint_rollbacks += 1
         super()._savepoint_rollback(sid)  # type: ignore[misc]  # missing from django-stubs
 
     def connect(self) -> None:

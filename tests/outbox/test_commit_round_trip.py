@@ -47,15 +47,17 @@ def add(outbox: Outbox, body: Any) -> None:
     outbox.add(None, "t", "work", f"m-{body}", body)
 
 
-def rows_seen_by_another_connection(name: str) -> int:
-    """The rows of app ``name`` committed, as a new connection sees them (not the caller's transaction)."""
+def rows_seen_by_another_connection(name: str, message_id: str | None = None) -> int:
+    """The rows of app ``name`` (of ``message_id``, if given) committed, as a new connection sees them (not the
+    caller's transaction). Sent rows leave in batches, except on a fresh outbox's first commits."""
     import psycopg
 
     params = {key: value for key, value in connection.get_connection_params().items() if key != "cursor_factory"}
     with psycopg.connect(**params) as other:
         [(count,)] = other.execute(
-            f"SELECT count(*) FROM {OutboxMessage._meta.db_table} WHERE app_name = %s",
-            [name],
+            f"SELECT count(*) FROM {OutboxMessage._meta.db_table} WHERE app_name = %s "
+            "AND (%s::text IS NULL OR message_id = %s)",
+            [name, message_id, message_id],
         ).fetchall()
         return int(count)
 
@@ -188,4 +190,22 @@ def test_no_row_waits_in_a_transaction_whose_connection_closed(outbox: tuple[Out
     with transaction.atomic():
         add(box, "next")
     assert recorder.bodies == ["next"]
-    assert rows_seen_by_another_connection(box.identity.name) == 0
+    assert rows_seen_by_another_connection(box.identity.name, "m-lost") == 0
+
+
+def test_a_row_inserted_after_a_manual_savepoint_goes_with_its_rollback(outbox: tuple[Outbox, Recorder]) -> None:
+    box, recorder = outbox
+    # Given an outbox past its first commit (which always reads its rows back from the table), then a row added
+    # after a transaction.savepoint() and inserted (an atomic() savepoint was made while it waited), and the
+    # transaction rolled back to the manual savepoint, then committed
+    with transaction.atomic():
+        add(box, "first")
+    with transaction.atomic():
+        add(box, "kept")
+        manual = transaction.savepoint()
+        add(box, "rolled back")
+        with transaction.atomic():
+            pass
+        transaction.savepoint_rollback(manual)
+    # Then only the row before the savepoint was sent (the rows were read back from the table)
+    assert recorder.bodies == ["first", "kept"]

@@ -90,8 +90,8 @@ class CeleryPublisher:
     def publish(self, batch: Sequence[Outgoing]) -> None:
         """Send ``batch`` in order; returns once the broker has every message (raises if it may not).
 
-        On Redis one message alone is tried again after a connection error, on a new connection, as kombu's retry
-        policy would (3 more tries, 0 to 0.2 s apart; a try whose command reached Redis before the error may queue
+        On Redis one message alone is tried again after a connection error, on another connection, as kombu's
+        retry policy would (3 more tries, 0 to 0.2 s apart; a try whose command reached Redis before the error may queue
         it twice). A batch is one round trip, sent once every message is ready: a connection error fails the whole
         batch (delivery uncertain), it is not tried again.
         """
