@@ -40,6 +40,10 @@ def record(i: int, kind: str) -> None:
 # --- raw Celery, its defaults ----------------------------------------------------------------------------------
 celery_app = Celery("bench_default", broker=BROKER_URL, set_as_current=False)
 celery_app.conf.task_default_queue = CELERY_QUEUE
+# Remote control and events on exchanges of this run, not Celery's shared celery.pidbox and celeryev (as the event
+# queue's own app does): nothing else changes, and the run's cleanup deletes them.
+celery_app.conf.control_exchange = f"{NAME}:control"
+celery_app.conf.event_exchange = celery_app.conf.event_queue_prefix = f"{NAME}:events"
 if BROKER_URL.startswith("redis"):
     celery_app.conf.broker_transport_options = {"global_keyprefix": f"{NAME}:"}  # keys under this run's name
 

@@ -373,8 +373,8 @@ def cleanup(name: str, url: str, channels: tuple[str, ...] = ("bench",)) -> None
             if not url.startswith("redis"):  # Dramatiq's queue, its delay queue and its dead-letter queue
                 for queue in (f"{name}.dramatiq", f"{name}.dramatiq.DQ", f"{name}.dramatiq.XQ"):
                     Queue(queue)(conn.default_channel).delete()
-            if not url.startswith("redis"):
-                for exchange in rabbitmq_exchanges(f"{name}."):
+            if not url.startswith("redis"):  # the channels' exchanges, and the workers' control and events ones
+                for exchange in rabbitmq_exchanges((f"{name}.", f"{name}:", f"reply.{name}:")):
                     conn.default_channel.exchange_delete(exchange)
     except Exception as exc:
         print(f"  (queues of {name} not deleted: {exc})")
@@ -387,8 +387,9 @@ def cleanup(name: str, url: str, channels: tuple[str, ...] = ("bench",)) -> None
         redis_client.zrem("_kombu.binding_deadlines", *members)
 
 
-def rabbitmq_exchanges(prefix: str) -> list[str]:
-    """The local RabbitMQ's exchanges whose name starts with ``prefix`` (durable ones outlive the run)."""
+def rabbitmq_exchanges(prefix: str | tuple[str, ...]) -> list[str]:
+    """The local RabbitMQ's exchanges whose name starts with ``prefix`` (or one of them; durable ones outlive the
+    run)."""
     listed = subprocess.run(
         ["rabbitmqctl", "list_exchanges", "-q", "--no-table-headers", "name"], capture_output=True, text=True,
         timeout=60, check=False,
