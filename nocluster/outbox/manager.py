@@ -73,18 +73,26 @@ class _CommittedRows:
         self.alias = alias
         self.rows: list[OutboxMessage] = []
         # A row written inside a savepoint may have been rolled back with it: then the rows are read back from
-        # the table (in order) instead of sent from memory. So too when the transaction rolled back to any
-        # savepoint since its first row, manual ones included, which ``savepoint_ids`` does not list (counted by
-        # ENGINE "nocluster.postgresql"; Django's engines do not count them).
+        # the table (in order) instead of sent from memory. So too when a savepoint made after the first row (a
+        # manual one, which ``savepoint_ids`` does not list) may have taken some: see savepoint_mark().
         self.in_savepoint = False
-        self._savepoint_rollbacks = getattr(connections[alias], "savepoint_rollbacks", None)
+        self._savepoint_mark = savepoint_mark(alias)
         self.__qualname__ = "Outbox.send_committed"  # what Django names in a robust callback's error log
 
     def __call__(self) -> None:
-        rolled_back = getattr(connections[self.alias], "savepoint_rollbacks", None) != self._savepoint_rollbacks
+        rolled_back = savepoint_mark(self.alias) != self._savepoint_mark
         # A row without an id was never inserted: it waited for the commit and a rollback to a savepoint took it.
         rows = [row for row in self.rows if row.pk is not None]
         self.outbox.send_committed(self.alias, rows, self.in_savepoint or rolled_back)
+
+
+def savepoint_mark(alias: str) -> int:
+    """A number of ``alias``'s connection that changes when a savepoint may have rolled back rows: its rollbacks to
+    a savepoint on ENGINE "nocluster.postgresql", which counts them; elsewhere Django's count of the savepoints made
+    (``savepoint_state``: any savepoint made since may have been rolled back)."""
+    connection = connections[alias]
+    rollbacks: int | None = getattr(connection, "savepoint_rollbacks", None)
+    return connection.savepoint_state if rollbacks is None else rollbacks
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,26 @@ def test_a_row_inserted_after_a_manual_savepoint_goes_with_its_rollback(outbox: 
         transaction.savepoint_rollback(manual)
     # Then only the row before the savepoint was sent (the rows were read back from the table)
     assert recorder.bodies == ["first", "kept"]
+
+
+def test_on_django_s_engines_a_row_rolled_back_with_a_manual_savepoint_is_not_sent(
+    outbox: tuple[Outbox, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given this connection behaving as Django's own engine (every row inserted at once, no rollback count), and an
+    # outbox past its first commit (which always reads its rows back from the table)
+    from nocluster.postgresql.base import DatabaseWrapper
+
+    monkeypatch.delattr(DatabaseWrapper, "insert_at_commit")
+    monkeypatch.delattr(DatabaseWrapper, "_savepoint_rollback")
+    monkeypatch.delattr(connection, "savepoint_rollbacks")
+    box, recorder = outbox
+    with transaction.atomic():
+        add(box, "first")
+    # When a row added after a transaction.savepoint() is rolled back with it, and the transaction commits
+    with transaction.atomic():
+        add(box, "kept")
+        manual = transaction.savepoint()
+        add(box, "rolled back")
+        transaction.savepoint_rollback(manual)
+    # Then it was not sent: a savepoint made after the first row sends the rows the table still holds
+    assert recorder.bodies == ["first", "kept"]
