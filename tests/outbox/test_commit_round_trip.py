@@ -150,19 +150,6 @@ def test_rows_keep_their_order_across_a_block_without_a_savepoint(outbox: tuple[
     assert recorder.bodies == ["before", "inside", "after"]
 
 
-def test_a_rollback_to_a_manual_savepoint_takes_the_rows_waiting_after_it(outbox: tuple[Outbox, Recorder]) -> None:
-    box, recorder = outbox
-    # Given a row before a savepoint made with transaction.savepoint() (not atomic()) and one after it
-    with transaction.atomic():
-        add(box, "before")
-        savepoint = transaction.savepoint()
-        add(box, "after the savepoint")
-        # When the transaction rolls back to that savepoint, then commits
-        transaction.savepoint_rollback(savepoint)
-    # Then only the row before it was sent
-    assert recorder.bodies == ["before"]
-
-
 def test_a_row_refused_before_a_savepoint_rolls_the_transaction_back(outbox: tuple[Outbox, Recorder]) -> None:
     box, recorder = outbox
     # Given a waiting row PostgreSQL refuses, inserted as a savepoint is made, and a caller that catches the error
@@ -193,42 +180,35 @@ def test_no_row_waits_in_a_transaction_whose_connection_closed(outbox: tuple[Out
     assert rows_seen_by_another_connection(box.identity.name, "m-lost") == 0
 
 
-def test_a_row_inserted_after_a_manual_savepoint_goes_with_its_rollback(outbox: tuple[Outbox, Recorder]) -> None:
-    box, recorder = outbox
-    # Given an outbox past its first commit (which always reads its rows back from the table), then a row added
-    # after a transaction.savepoint() and inserted (an atomic() savepoint was made while it waited), and the
-    # transaction rolled back to the manual savepoint, then committed
-    with transaction.atomic():
-        add(box, "first")
-    with transaction.atomic():
-        add(box, "kept")
-        manual = transaction.savepoint()
-        add(box, "rolled back")
-        with transaction.atomic():
-            pass
-        transaction.savepoint_rollback(manual)
-    # Then only the row before the savepoint was sent (the rows were read back from the table)
-    assert recorder.bodies == ["first", "kept"]
-
-
-def test_on_django_s_engines_a_row_rolled_back_with_a_manual_savepoint_is_not_sent(
-    outbox: tuple[Outbox, Recorder], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given this connection behaving as Django's own engine (every row inserted at once, no rollback count), and an
-    # outbox past its first commit (which always reads its rows back from the table)
+def as_django_s_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this connection behave as Django's own engine: every row inserted at once, no count of rollbacks."""
     from nocluster.postgresql.base import DatabaseWrapper
 
     monkeypatch.delattr(DatabaseWrapper, "insert_at_commit")
     monkeypatch.delattr(DatabaseWrapper, "_savepoint_rollback")
     monkeypatch.delattr(connection, "savepoint_rollbacks")
+
+
+@pytest.mark.parametrize("engine", ["nocluster.postgresql", "django"])
+@pytest.mark.parametrize("inserted", [False, True], ids=["waiting", "inserted"])
+def test_a_row_rolled_back_with_a_manual_savepoint_is_not_sent(
+    outbox: tuple[Outbox, Recorder], monkeypatch: pytest.MonkeyPatch, engine: str, inserted: bool
+) -> None:
+    if engine == "django":
+        as_django_s_engine(monkeypatch)
     box, recorder = outbox
+    # Given an outbox past its first commit (which always reads its rows back from the table)
     with transaction.atomic():
         add(box, "first")
-    # When a row added after a transaction.savepoint() is rolled back with it, and the transaction commits
+    # When a row added after a transaction.savepoint() (still waiting for the commit, or inserted as an atomic()
+    # savepoint was made) is rolled back with it, and the transaction commits
     with transaction.atomic():
         add(box, "kept")
         manual = transaction.savepoint()
         add(box, "rolled back")
+        if inserted:
+            with transaction.atomic():
+                pass
         transaction.savepoint_rollback(manual)
-    # Then it was not sent: a savepoint made after the first row sends the rows the table still holds
+    # Then only the row before the savepoint was sent
     assert recorder.bodies == ["first", "kept"]
