@@ -13,7 +13,9 @@ the database refuses raises from the commit (the end of ``atomic()``; Django the
 rather than from ``publish()``. Only rows added outside any savepoint (and outside a nested
 ``atomic(savepoint=False)``) wait: before a savepoint is created the waiting rows are inserted (so a rollback to it
 cannot take a row it did not hold), and inside one a row is inserted at once, after those waiting, so the rows
-keep the order they were added in. Everything else is Django's backend, unchanged.
+keep the order they were added in. As with :func:`~nocluster.db.execute_lean`, these statements go on plain
+psycopg cursors: Django's ``execute_wrapper`` hooks and its ``DEBUG`` query log do not see them. Everything else is
+Django's backend, unchanged.
 """
 
 from __future__ import annotations
