@@ -29,10 +29,10 @@ pytestmark = pytest.mark.cluster
 
 
 class Project:
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, transport_options: dict[str, Any] | None = None) -> None:
         self.broker_url = broker_url
         self.name = unique_name("pub")
-        self.celery_app = build_celery_app(broker_url, self.name, QueueLimits(), {})
+        self.celery_app = build_celery_app(broker_url, self.name, QueueLimits(), transport_options or {})
         self.publisher = CeleryPublisher(
             self.celery_app, is_redis(broker_url), lambda m: (m.timeout + 5, m.timeout + 10)
         )
@@ -95,13 +95,19 @@ def stored_envelopes(project: Project, redis_url: str, queue: Queue) -> list[dic
         client.close()
 
 
+def decoded_body(envelope: dict[str, Any]) -> Any:
+    """The task body of a stored envelope, decoded as its ``body_encoding`` says (base64, or none for utf-8)."""
+    raw = envelope["body"]
+    return json.loads(base64.b64decode(raw) if envelope["properties"]["body_encoding"] == "base64" else raw)
+
+
 def with_ids_blanked(envelope: dict[str, Any]) -> dict[str, Any]:
     """``envelope`` with what differs between two messages of the same payload (ids, tags, times) blanked, and
     its body decoded; checks the ids it blanks are well formed."""
     headers, properties = dict(envelope["headers"]), dict(envelope["properties"])
     assert headers["id"] == headers["root_id"] == properties["correlation_id"]
     uuid.UUID(headers["id"]), uuid.UUID(properties["delivery_tag"])
-    body = json.loads(base64.b64decode(envelope["body"]))
+    body = decoded_body(envelope)
     wire = body[0][0]
     assert headers["argsrepr"] == f"({wire['channel']!r}, id={wire['id']!r}, retried={wire['retried']})"
     for key in ("id", "root_id", "argsrepr"):
@@ -111,10 +117,16 @@ def with_ids_blanked(envelope: dict[str, Any]) -> dict[str, Any]:
     return {**envelope, "headers": headers, "properties": properties, "body": body}
 
 
-def test_what_the_publisher_stores_on_redis_is_what_kombu_stores(redis_url: str) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"body_encoding": "utf-8"}, {"retry_on_timeout": True}],
+    ids=["defaults", "body_encoding", "retry_on_timeout"],
+)
+def test_what_the_publisher_stores_on_redis_is_what_kombu_stores(redis_url: str, options: dict[str, Any]) -> None:
     # On Redis the publisher writes messages itself (not through kombu's Producer.publish): it must store what
-    # kombu stores, so that a stock Celery worker reads it
-    project = Project(redis_url)
+    # kombu stores, so that a stock Celery worker reads it, with the transport options that change what or how
+    # kombu writes (retry_on_timeout: a batch goes one message at a time, as kombu would send it)
+    project = Project(redis_url, options)
     try:
         first, second = project.queue("first"), project.queue("second")
         # Given one message published through kombu's Producer.publish (as for any other kombu transport), and
@@ -140,10 +152,7 @@ def test_what_the_publisher_stores_on_redis_is_what_kombu_stores(redis_url: str)
                 "exchange": "", "routing_key": second.name}}}  # fmt: skip
             assert with_ids_blanked(envelope) == expected
         # And each queue holds its messages in the order they were published
-        ids = [
-            [json.loads(base64.b64decode(e["body"]))[0][0]["id"] for e in stored]
-            for stored in (stored_first, stored_second)
-        ]
+        ids = [[decoded_body(e)[0][0]["id"] for e in stored] for stored in (stored_first, stored_second)]
         assert ids[0][4:] == [mixed[0].message.id, mixed[2].message.id]
         assert ids[1] == [mixed[1].message.id, mixed[3].message.id]
         # And kombu reads them back as Celery messages
