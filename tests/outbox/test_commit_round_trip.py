@@ -14,11 +14,7 @@ from django.db.transaction import TransactionManagementError
 from nocluster.identity import NodeIdentity
 from nocluster.models import InstalledPlugin, OutboxMessage
 from nocluster.outbox.manager import Outbox, OutboxSettings
-from tests.conftest import unique_name
-
-pytestmark = pytest.mark.skipif(
-    not hasattr(connection, "insert_at_commit"), reason="needs PostgreSQL (CI always has it)"
-)
+from tests.conftest import server_unavailable, unique_name
 
 
 class Recorder:
@@ -37,6 +33,10 @@ class Recorder:
 
 @pytest.fixture
 def outbox(transactional_db: None) -> Iterator[tuple[Outbox, Recorder]]:
+    # PostgreSQL, or a skip (a failure under CI); on PostgreSQL the test settings' engine must be ours: no skip.
+    if connection.vendor != "postgresql":
+        server_unavailable("PostgreSQL", str(connection.settings_dict["NAME"]))
+    assert hasattr(connection, "insert_at_commit"), f"the tests' ENGINE is {connection.settings_dict['ENGINE']}"
     result, recorder = Outbox(NodeIdentity(unique_name("rt")), OutboxSettings()), Recorder()
     result.register("t", recorder)
     yield result, recorder
